@@ -1,0 +1,356 @@
+"""Command-line entry points: the only place that reads argv, prints usage errors or exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ratebox import config, log
+from ratebox.errors import EXIT_OK, RateboxError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def parser(prog: str, description: str) -> Parser:
+    """A parser with the options every command shares."""
+    p = Parser(
+        prog=prog,
+        description=description,
+        epilog=config.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        default="ratebox.yaml",
+        metavar="FILE",
+        help="YAML topology (default ./ratebox.yaml)",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
+    return p
+
+
+def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Turn RateboxError into one line on stderr and its exit status; never a traceback."""
+
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except RateboxError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_status
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            return EXIT_OK
+
+    wrapper.__name__ = main.__name__
+    wrapper.__doc__ = main.__doc__
+    return wrapper
+
+
+def settings_and_servers(
+    args: argparse.Namespace, title: str, need_pg: bool = True
+) -> tuple[config.Settings, str, str]:
+    """Load the configuration, set up logging, and resolve ``embedded`` to running servers."""
+    settings = config.load(args.config)
+    log.setup(title, args.log_level)
+    from ratebox import embedded
+
+    redis_url, dsn, _ = embedded.resolve(
+        settings.redis.url, settings.postgres.dsn if need_pg else "unused", settings.embedded.dir
+    )
+    return settings, redis_url, dsn
+
+
+def _proctitle(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"ratebox: {title}")
+    except ImportError:  # pragma: no cover - a dependency, but titles are only cosmetic
+        pass
+
+
+@guarded
+def main_supervisor(argv: Sequence[str] | None = None) -> int:
+    """The whole system in the foreground: workers, sweeper and monitor under one supervisor."""
+    args = parser("ratebox-supervisor", main_supervisor.__doc__ or "").parse_args(argv)
+    # Not settings_and_servers(): the supervisor starts the embedded servers itself, after
+    # its signal handlers are in place, and stops those it started when it exits.
+    settings = config.load(args.config)
+    log.setup("supervisor", args.log_level)
+    from ratebox import supervisor
+
+    return supervisor.run(settings, args.config, args.log_level)
+
+
+@guarded
+def main_worker(argv: Sequence[str] | None = None) -> int:
+    """One consumer in the foreground, named by CONSUMER_NAME (default <prefix>_001)."""
+    p = parser("ratebox-worker", main_worker.__doc__ or "")
+    args = p.parse_args(argv)
+    settings = config.load(args.config)
+    name = os.environ.get("CONSUMER_NAME") or settings.consumer_name(1)
+    try:
+        config.name(name)
+    except ValueError as exc:
+        raise UsageError(f"CONSUMER_NAME: {exc}") from None
+    _proctitle(f"worker {name}")
+    settings, redis_url, dsn = settings_and_servers(args, f"worker {name}")
+    if settings.postgres.migrate_on_start:
+        from ratebox import migrate
+
+        migrate.run(dsn)
+    from ratebox import worker
+
+    return worker.run(settings, name, redis_url, dsn)
+
+
+@guarded
+def main_migrate(argv: Sequence[str] | None = None) -> int:
+    """Apply pending migrations from schema/; safe to run twice or concurrently."""
+    args = parser("ratebox-migrate", main_migrate.__doc__ or "").parse_args(argv)
+    _, _, dsn = settings_and_servers(args, "migrate")
+    from ratebox import migrate
+
+    applied = migrate.run(dsn)
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return EXIT_OK
+
+
+@guarded
+def main_producer(argv: Sequence[str] | None = None) -> int:
+    """Publish test messages: produce N [DELAY] | continuous RATE | file PATH | info."""
+    p = parser("ratebox-producer", main_producer.__doc__ or "")
+    sub = p.add_subparsers(dest="mode", required=True, parser_class=Parser)
+    sp = sub.add_parser("produce", help="publish N messages, DELAY seconds apart (0: pipelined)")
+    sp.add_argument("n", type=_positive_int, metavar="N")
+    sp.add_argument("delay", type=_non_negative_float, nargs="?", default=0.0, metavar="DELAY")
+    sp = sub.add_parser("continuous", help="publish RATE messages/second until interrupted")
+    sp.add_argument("rate", type=_positive_float, metavar="RATE")
+    sp = sub.add_parser("file", help="one message per JSON line of PATH (- = stdin)")
+    sp.add_argument("path", metavar="PATH")
+    sub.add_parser("info", help="stream length, first/last entry, groups, pending")
+    args = p.parse_args(argv)
+    settings, redis_url, _ = settings_and_servers(args, "producer", need_pg=False)
+    from ratebox import producer, stream
+
+    client = stream.connect(redis_url)
+    name = settings.stream.name
+    if args.mode == "info":
+        _print_info(producer.info(client, name))
+    elif args.mode == "produce":
+        with _progress(args.n) as advance:
+            sent = producer.produce(client, name, args.n, args.delay, advance)
+        print(f"published {sent} messages to {name}")
+    elif args.mode == "continuous":
+        stop = _stop_flag()
+        sent = producer.continuous(client, name, args.rate, lambda: not stop)
+        print(f"published {sent} messages to {name}")
+    else:
+        try:
+            handle = (
+                sys.stdin
+                if args.path == "-"
+                else open(args.path, encoding="utf-8", errors="replace")
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"ratebox-producer file: cannot open {args.path}: {exc.strerror}"
+            ) from None
+        with handle:
+            sent = producer.publish_file(client, name, handle)
+        print(f"published {sent} messages to {name}")
+    return EXIT_OK
+
+
+def _stop_flag() -> list[int]:
+    """A list that gets an item when SIGINT or SIGTERM arrives (truthy = stop)."""
+    flag: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: flag.append(signum))
+    return flag
+
+
+class _progress:
+    """A Rich progress bar on a terminal for long runs; nothing otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if self.total < 10_000 or not sys.stderr.isatty():
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.start()
+        task = self.bar.add_task("publishing", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_info(data: dict[str, Any]) -> None:
+    if not data["exists"]:
+        print(f"stream {data['stream']}: does not exist yet")
+        return
+    print(
+        f"stream {data['stream']}: length {data['length']}, first {data['first_id']}, last {data['last_id']}"
+    )
+    for g in data["groups"]:
+        print(
+            f"  group {g['name']}: consumers {g['consumers']}, pending {g['pending']}, "
+            f"lag {g['lag'] if g['lag'] is not None else 'unknown'}, last delivered {g['last_delivered']}"
+        )
+
+
+def _number(
+    cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str
+) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return convert
+
+
+_positive_int = _number(int, lambda v: v > 0, "a positive integer")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+
+
+# -- sweeper, dead letters and replay -----------------------------------------------------------
+
+
+@guarded
+def main_sweeper(argv: Sequence[str] | None = None) -> int:
+    """The reclaim sweeper alone, in the foreground."""
+    args = parser("ratebox-sweeper", main_sweeper.__doc__ or "").parse_args(argv)
+    _proctitle("sweeper")
+    settings, redis_url, dsn = settings_and_servers(args, "sweeper")
+    if settings.postgres.migrate_on_start:
+        from ratebox import migrate
+
+        migrate.run(dsn)
+    from ratebox import sweeper
+
+    return sweeper.run(settings, redis_url, dsn)
+
+
+@guarded
+def main_dlq(argv: Sequence[str] | None = None) -> int:
+    """Inspect, replay or drop dead-lettered entries: list | replay [IDS...|--all] | purge [--yes]."""
+    p = parser("ratebox-dlq", main_dlq.__doc__ or "")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    sp = sub.add_parser("list", help="dead-lettered entries, oldest first, personal data masked")
+    sp.add_argument("--count", type=_positive_int, default=None, metavar="N", help="at most N")
+    sp = sub.add_parser("replay", help="put entries back onto the main stream, each at most once")
+    sp.add_argument("ids", nargs="*", type=_entry_id, metavar="ID", help="dead-letter entry IDs")
+    sp.add_argument("--all", action="store_true", help="every dead-lettered entry")
+    sp = sub.add_parser("purge", help="drop every dead-lettered entry")
+    sp.add_argument("--yes", action="store_true", help="confirm (without it nothing is dropped)")
+    args = p.parse_args(argv)
+    if args.action == "replay" and bool(args.ids) == args.all:
+        raise UsageError("ratebox-dlq replay: give dead-letter entry IDs or --all, not both")
+    settings, redis_url, _ = settings_and_servers(args, "dlq", need_pg=False)
+    from ratebox import deadletter, stream
+    from ratebox.errors import EXIT_FAILURE
+
+    client = stream.connect(redis_url)
+    dead = settings.stream.dead_letter
+    if args.action == "list":
+        entries = deadletter.list_entries(client, dead, args.count)
+        for entry in entries:
+            print(entry.line())
+        print(
+            f"{len(entries)} dead-lettered entries shown from {dead} (length {stream.length(client, dead)})"
+        )
+        return EXIT_OK
+    if args.action == "replay":
+        done = deadletter.replay(client, dead, settings.stream.name, None if args.all else args.ids)
+        print(f"replayed {len(done.moved)} entries onto {settings.stream.name}")
+        if done.missing:
+            print(
+                f"error: not in {dead} (already replayed or purged?): {' '.join(done.missing)}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        return EXIT_OK
+    if not args.yes:
+        raise UsageError(
+            f"ratebox-dlq purge: would drop {stream.length(client, dead)} entries from {dead}; add --yes to confirm"
+        )
+    print(f"purged {deadletter.purge(client, dead)} entries from {dead}")
+    return EXIT_OK
+
+
+@guarded
+def main_replay(argv: Sequence[str] | None = None) -> int:
+    """Re-validate retained entries with the current rules and update their rows."""
+    p = parser("ratebox-replay", main_replay.__doc__ or "")
+    p.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=_bound,
+        metavar="ID|TIME",
+        help="first entry: an ID (1718000000000-0) or an ISO 8601 time (UTC without offset)",
+    )
+    p.add_argument(
+        "--to",
+        dest="end",
+        default="+",
+        type=_bound,
+        metavar="ID|TIME",
+        help="last entry (default: the newest)",
+    )
+    args = p.parse_args(argv)
+    settings, redis_url, dsn = settings_and_servers(args, "replay")
+    from ratebox import replay
+
+    c = replay.replay_range(settings, redis_url, dsn, args.start, args.end)
+    print(
+        f"re-validated {c.read} entries: {c.changed} changed verdict, {c.unchanged} unchanged, "
+        f"{c.skipped} skipped (pipeline verdicts), {c.missing} without a row yet"
+    )
+    return EXIT_OK
+
+
+def _entry_id(text: str) -> str:
+    ms, dash, seq = text.partition("-")
+    if not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be an entry ID like 1718000000000-0, got {text!r}")
+    return text
+
+
+def _bound(text: str) -> str:
+    from ratebox.replay import to_stream_id
+
+    try:
+        return to_stream_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- end of sweeper, dead letters and replay ----------------------------------------------------

@@ -1,0 +1,139 @@
+"""Masks personal data (phones, bank accounts, e-mails, passwords) for logs, dashboards, errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+#: What a password (or any secret) is replaced with; fixed, so its length does not leak.
+HIDDEN = "***"
+
+#: Keys whose values are phone numbers or bank accounts: all but the last 4 chars hidden.
+_NUMBER_KEYS = frozenset({"phone", "bank_account"})
+#: A key naming a secret: any word ending with one of these (db_password, access_token, ...).
+_SECRET_WORD = r"[\w-]*?(?:password|passwd|pwd|secret|token|api[_-]?key)"
+_SECRET_KEY = re.compile(rf"(?i){_SECRET_WORD}")
+#: Containers nested deeper than this are replaced instead of walked (items come from JSON
+#: that orjson already limits to 1024 levels, but a masked preview has no use for depth).
+_MAX_DEPTH = 32
+
+# The URL's password runs to the last '@' before the path, so an unescaped '@' in a password
+# is hidden too. Only the part after ':' is hidden: a user name alone is not a secret.
+_URL_RE = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]*://[^\s:/?#@]*:)[^\s/?#]*(?=@)")
+# `password=x`, `password: x`, `"password": "x"`, `'db_password': 'x'`, `?token=x&`.
+_KEY_VALUE_RE = re.compile(
+    rf"(?<![\w-])((?P<quote>[\"']?){_SECRET_WORD}(?P=quote)\s*[:=]\s*)"
+    r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&'"}\]]+)""",
+    re.IGNORECASE,
+)
+#: Lower-case words that must occur in a text before the costly key/value pattern is tried.
+_SECRET_HINTS = ("pass", "pwd", "secret", "token", "key")
+_EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)+")
+# ISO dates and times are matched first and kept, so log timestamps stay readable; they never
+# hold 8 digits in a row. The lookahead lets the engine skip quickly to the next digit.
+_DIGITS_RE = re.compile(
+    r"(?=[+\d])(?:(?P<date>(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+    r"(?:[T ][0-2]\d:[0-5]\d(?::[0-5]\d(?:[.,]\d{1,6})?)?)?)(?![\d-])"
+    r"|(?P<digits>\+?\d(?:[ -]?\d){7,}))"
+)
+_NOT_DIGIT = re.compile(r"\D")
+
+
+def mask_value(text: str, keep: int = 4) -> str:
+    """Stars for all but the last ``keep`` characters: '12345678901' -> '*******8901'."""
+    hidden = len(text) - max(keep, 0)
+    if hidden <= 0:
+        return "*" * len(text)
+    return "*" * hidden + text[hidden:]
+
+
+def mask_email(text: str) -> str:
+    """First character of the local part and the domain: 'user@example.com' -> 'u***@example.com'."""
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return mask_value(text)
+    return f"{local[:1]}{HIDDEN}@{domain}"
+
+
+def mask_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an item that is safe to show: numbers, e-mails and secrets masked."""
+    return {key: _mask_entry(key, value, 1) for key, value in item.items()}
+
+
+def mask_url(url: str) -> str:
+    """The URL or libpq DSN with its password hidden: 'redis://:pw@host' -> 'redis://:***@host'."""
+    return _KEY_VALUE_RE.sub(_hide_value, _URL_RE.sub(_hide_url_password, url))
+
+
+def mask_text(text: str) -> str:
+    """Free text (a log line) with credentials, e-mails and runs of 8+ digits masked."""
+    # Each pass runs only when a cheap test says it can match: most log lines hold no URL, no
+    # secret and no e-mail, and the digits pass (last, so it also sees what the others kept)
+    # is the only one they pay for.
+    if "://" in text:
+        text = _URL_RE.sub(_hide_url_password, text)
+    lowered = text.lower()
+    if any(hint in lowered for hint in _SECRET_HINTS):
+        text = _KEY_VALUE_RE.sub(_hide_value, text)
+    if "@" in text:
+        text = _EMAIL_RE.sub(_hide_email, text)
+    return _DIGITS_RE.sub(_hide_digits, text)
+
+
+def _hide_url_password(match: re.Match[str]) -> str:
+    return match[1] + HIDDEN
+
+
+def _hide_value(match: re.Match[str]) -> str:
+    value = match[3]
+    quote = value[0] if value[0] in "\"'" and len(value) > 1 else ""
+    return f"{match[1]}{quote}{HIDDEN}{quote}"
+
+
+def _hide_email(match: re.Match[str]) -> str:
+    return mask_email(match[0])
+
+
+def _hide_digits(match: re.Match[str]) -> str:
+    digits = match["digits"]
+    return match[0] if digits is None else mask_value(_NOT_DIGIT.sub("", digits))
+
+
+def _mask_entry(key: Any, value: Any, depth: int) -> Any:
+    name = key.lower() if isinstance(key, str) else ""
+    if name in _NUMBER_KEYS:
+        return mask_value(_text(value))
+    if name == "email":
+        return mask_email(_text(value))
+    if name and _SECRET_KEY.fullmatch(name):
+        return HIDDEN
+    return _mask_nested(value, depth)
+
+
+def _mask_nested(value: Any, depth: int) -> Any:
+    # Other values are scrubbed like a log line: a phone number may hide in a "note" field.
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, Mapping):
+        if depth >= _MAX_DEPTH:
+            return "(nested)"
+        return {k: _mask_entry(k, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if depth >= _MAX_DEPTH:
+            return "(nested)"
+        return [_mask_nested(v, depth + 1) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = _text(value)
+        masked = mask_text(text)
+        return value if masked == text else masked  # a long number becomes masked text
+    return value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        return "(number)"

@@ -1,0 +1,203 @@
+"""Turns a Redis stream entry's fields into an item or a pipeline error (900/901/902); pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from ratebox.rules import Failure
+
+#: `data` is not a JSON object, or not valid UTF-8.
+MALFORMED = 900
+#: The entry has no `data` field.
+MISSING_DATA = 901
+#: The entry is larger than limits.max_message_bytes.
+TOO_LARGE = 902
+#: The database refused the row (the rest of its batch still commits).
+DB_REJECTED = 903
+#: Given up after max_retries deliveries and copied to the dead-letter stream.
+DEAD_LETTERED = 910
+#: Pipeline failures are reported against this field.
+DATA_FIELD = "data"
+#: How much of a refused entry's text is kept in raw_items.data, in characters.
+RAW_KEEP_CHARS = 1000
+
+# PostgreSQL refuses U+0000 in text and jsonb; it becomes the replacement character.
+_NUL = "\x00"
+_REPLACEMENT = "\ufffd"
+# JSON cannot hold a raw NUL byte inside a string, only this escape: if the text lacks it, the
+# parsed item holds no NUL and the sanitizing walk can be skipped.
+_NUL_ESCAPE = b"\\u0000"
+# A UTF-8 character is at most 4 bytes: this many bytes always decode to enough characters.
+_RAW_KEEP_BYTES = 4 * RAW_KEEP_CHARS + 4
+_JSON_KIND = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded entry: the item, or the pipeline error and what is kept of the text."""
+
+    item: dict[str, Any] | None
+    data: Any
+    error: Failure | None
+    source: str | None
+    producer: str | None
+    batch_id: str | None
+    produced_at: datetime | None
+
+
+def pipeline_failure(code: int, message: str) -> Failure:
+    """A failure of the pipeline (900 and above), reported against the `data` field."""
+    return Failure(code, DATA_FIELD, message)
+
+
+def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded:
+    """The entry's item and metadata, or the first pipeline error (902, then 901, then 900)."""
+    entry: dict[str, bytes] = {}
+    size = 0
+    for key, value in fields.items():
+        if type(key) is not bytes:  # redis-py gives bytes unless decode_responses is set
+            key = _as_bytes(key)
+        if type(value) is not bytes:
+            value = _as_bytes(value)
+        size += len(key) + len(value)
+        entry[key.decode("utf-8", "replace")] = value
+    data = entry.get(DATA_FIELD)
+    if size > max_bytes:
+        return _refused(entry, TOO_LARGE, f"Message too large: {size} bytes, maximum {max_bytes}")
+    if data is None:
+        return _refused(entry, MISSING_DATA, "Missing data field")
+    try:
+        item = orjson.loads(data)
+    except (ValueError, RecursionError, TypeError):  # orjson.JSONDecodeError is a ValueError
+        return _refused(entry, MALFORMED, f"Malformed message: data is not valid {_which(data)}")
+    if type(item) is not dict:
+        kind = _JSON_KIND.get(type(item), "null")
+        return _refused(
+            entry, MALFORMED, f"Malformed message: data is a JSON {kind}, expected an object"
+        )
+    if _NUL_ESCAPE in data:
+        item = sanitize(item)
+    return Decoded(
+        item=item,
+        data=item,
+        error=None,
+        source=_source(item.get("source"), entry),
+        producer=_text(entry, "producer"),
+        batch_id=_text(entry, "batch_id"),
+        produced_at=_timestamp(entry),
+    )
+
+
+def sanitize(value: Any) -> Any:
+    """A copy with U+0000 replaced by U+FFFD in every string and key, at any depth."""
+    if isinstance(value, str):
+        return value.replace(_NUL, _REPLACEMENT)
+    if not isinstance(value, (Mapping, list, tuple)):
+        return value
+    root = _empty_like(value)
+    # An explicit stack, not recursion: the depth of the data must not meet the interpreter's
+    # recursion limit (orjson allows 1024 levels, Python's default limit is 1000).
+    todo: list[tuple[Any, Any]] = [(value, root)]
+    while todo:
+        source, target = todo.pop()
+        if isinstance(source, Mapping):
+            for key, item in source.items():
+                target[sanitize(key) if isinstance(key, str) else key] = _child(item, todo)
+        else:
+            target.extend(_child(item, todo) for item in source)
+    return root
+
+
+def _child(value: Any, todo: list[tuple[Any, Any]]) -> Any:
+    if isinstance(value, str):
+        return value.replace(_NUL, _REPLACEMENT)
+    if isinstance(value, (Mapping, list, tuple)):
+        target = _empty_like(value)
+        todo.append((value, target))
+        return target
+    return value
+
+
+def _empty_like(value: Any) -> Any:
+    return {} if isinstance(value, Mapping) else []
+
+
+def _as_bytes(value: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        try:
+            return value.encode()
+        except UnicodeEncodeError:
+            # Text decoded with surrogateescape gets its original bytes back; any other lone
+            # surrogate is kept as (invalid) UTF-8, which is then reported as such.
+            try:
+                return value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogatepass")
+
+
+def _which(data: bytes) -> str:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return "UTF-8"
+    return "JSON"
+
+
+def _refused(entry: Mapping[str, bytes], code: int, message: str) -> Decoded:
+    return Decoded(
+        item=None,
+        data={"_raw": _raw_text(entry)},
+        error=pipeline_failure(code, message),
+        source=_text(entry, "source"),
+        producer=_text(entry, "producer"),
+        batch_id=_text(entry, "batch_id"),
+        produced_at=_timestamp(entry),
+    )
+
+
+def _raw_text(entry: Mapping[str, bytes]) -> str:
+    # The data field's text when there is one; else the whole entry, so an operator can see
+    # what was sent instead (a misspelt "Data", a "payload" field, ...).
+    data = entry.get(DATA_FIELD)
+    if data is not None:
+        text = data[:_RAW_KEEP_BYTES].decode("utf-8", "replace")
+    else:
+        shown = {k: v[:_RAW_KEEP_BYTES].decode("utf-8", "replace") for k, v in entry.items()}
+        text = orjson.dumps(shown).decode()
+    return sanitize(text[:RAW_KEEP_CHARS])
+
+
+def _source(from_item: Any, entry: Mapping[str, bytes]) -> str | None:
+    if isinstance(from_item, str) and from_item.strip():
+        return sanitize(from_item.strip())
+    return _text(entry, "source")
+
+
+def _text(entry: Mapping[str, bytes], name: str) -> str | None:
+    raw = entry.get(name)
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace").strip()
+    return sanitize(text) if text else None
+
+
+def _timestamp(entry: Mapping[str, bytes]) -> datetime | None:
+    text = _text(entry, "timestamp")
+    if text is None or len(text) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    # A producer that leaves out the offset means UTC: that is what every clock here runs on.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

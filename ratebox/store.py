@@ -1,0 +1,319 @@
+"""The only module that speaks SQL: connections, migrations, batch writes and monitor queries."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extensions import connection as Connection
+from psycopg2.extras import execute_values
+
+from ratebox import verdict
+from ratebox.errors import ConfigError, RateboxError, ServerUnavailable
+from ratebox.verdict import Row
+
+# -- connections and migrations -----------------------------------------------------------------
+
+#: Seconds libpq waits for a server that does not answer, unless the DSN says otherwise.
+CONNECT_TIMEOUT_S = 10
+#: Advisory lock key that serialises migrations within a database (any fixed bigint will do).
+MIGRATION_LOCK_KEY = int.from_bytes(b"ratebox", "big")
+
+#: One migration file: (version, filename, sha256 checksum, SQL text).
+Migration = tuple[str, str, str, str]
+#: Decides which files to apply, given the files and the checksums applied so far by version.
+MigrationPlan = Callable[[Sequence[Migration], Mapping[str, str]], Sequence[Migration]]
+
+_CREATE_SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     text PRIMARY KEY,
+    filename    text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(RateboxError):
+    """A migration file is wrong, was changed after it was applied, or failed to apply."""
+
+
+def connect(dsn: str, application_name: str = "ratebox") -> Connection:
+    """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        # Neither libpq's message nor the text itself: either may hold a piece of the password.
+        raise ConfigError("postgres.dsn: not a valid libpq DSN or postgresql:// URL") from None
+    params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
+    params["application_name"] = application_name
+    try:
+        return psycopg2.connect(**params)
+    except psycopg2.Error as exc:
+        raise ServerUnavailable(
+            f"cannot reach PostgreSQL at {_mask_dsn(dsn)}: {_first_line(exc)}"
+        ) from exc
+
+
+def apply_migrations(
+    conn: Connection, files: Sequence[Migration], plan: MigrationPlan
+) -> list[str]:
+    """Apply the files that plan picks, each in one transaction with its record; returns their names.
+
+    A session advisory lock is held throughout, so a concurrent run waits, then finds
+    everything recorded and applies nothing.
+    """
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    except psycopg2.Error as exc:
+        raise ServerUnavailable(
+            f"cannot lock the database for migrations: {_first_line(exc)}"
+        ) from exc
+    try:
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(_CREATE_SCHEMA_MIGRATIONS)
+                cur.execute("SELECT version, checksum FROM schema_migrations")
+                applied = dict(cur.fetchall())
+        except psycopg2.Error as exc:
+            raise _migration_failed(conn, "schema_migrations", exc) from exc
+        done = []
+        for version, filename, checksum, sql in plan(files, applied):
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(sql)
+                    cur.execute(
+                        "INSERT INTO schema_migrations (version, filename, checksum)"
+                        " VALUES (%s, %s, %s)",
+                        (version, filename, checksum),
+                    )
+            except psycopg2.Error as exc:
+                raise _migration_failed(conn, filename, exc) from exc
+            done.append(filename)
+        return done
+    finally:
+        # A broken connection has already dropped the lock with its session.
+        with contextlib.suppress(psycopg2.Error), conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+def _migration_failed(conn: Connection, what: str, exc: psycopg2.Error) -> RateboxError:
+    """A lost server is an outage; anything else is the migration's fault."""
+    if conn.closed:
+        return ServerUnavailable(f"lost PostgreSQL while migrating ({what}): {_first_line(exc)}")
+    return MigrationError(f"{what} failed: {_first_line(exc)}")
+
+
+def _mask_dsn(dsn: str) -> str:
+    """The DSN with its password hidden, in key=value, URL and URL-query form."""
+    dsn = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", dsn)
+    return re.sub(
+        r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", r"\1***", dsn, flags=re.IGNORECASE
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a libpq error (the rest is hints spread over several lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# -- end of connections and migrations ----------------------------------------------------------
+
+
+# -- batch writes (worker and sweeper) ---------------------------------------------------------
+
+#: Errors that mean "the database is not there right now": wait, never blame the message.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Who writes a batch: stream, group, consumer name, and where it runs."""
+
+    stream: str
+    group: str
+    name: str
+    hostname: str
+    pid: int
+    started_at: datetime
+
+
+_ROW_TEMPLATE = "(%s::jsonb, %s, %s, %s, %s, %s::jsonb, now(), %s, %s, %s, %s, %s, %s, %s, %s)"
+
+# One statement per batch: the rows, and — counted from the rows actually inserted, so a
+# redelivered entry changes nothing — the consumer's totals, the minute's metrics and the
+# minute's error counts. Data-modifying CTEs all run, in one round trip.
+_WRITE_BATCH = """
+WITH ins AS (
+    INSERT INTO raw_items (data, source, status, error_code, error_message, errors, processed_at,
+                           stream_name, stream_id, consumer_name, delivery_count, batch_id,
+                           producer, produced_at, processing_ms)
+    VALUES %s
+    ON CONFLICT (stream_name, stream_id) DO NOTHING
+    RETURNING status, error_code, errors, processing_ms
+), totals AS (
+    SELECT count(*) AS processed,
+           count(*) FILTER (WHERE status = 'error') AS errors,
+           count(*) FILTER (WHERE error_code = 910) AS dead_lettered,
+           coalesce(sum(processing_ms), 0) AS total_ms,
+           coalesce(max(processing_ms), 0) AS max_ms
+    FROM ins
+), stats AS (
+    INSERT INTO stream_consumer_stats AS s (stream_name, consumer_name, group_name, processed, errors,
+        dead_lettered, total_processing_ms, last_active, hostname, pid, started_at)
+    SELECT %(stream)s, %(consumer)s, %(group)s, processed, errors, dead_lettered, total_ms, now(),
+           %(hostname)s, %(pid)s, %(started_at)s
+    FROM totals
+    ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
+        processed = s.processed + EXCLUDED.processed,
+        errors = s.errors + EXCLUDED.errors,
+        dead_lettered = s.dead_lettered + EXCLUDED.dead_lettered,
+        total_processing_ms = s.total_processing_ms + EXCLUDED.total_processing_ms,
+        last_active = EXCLUDED.last_active, group_name = EXCLUDED.group_name,
+        hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, started_at = EXCLUDED.started_at
+), metrics AS (
+    INSERT INTO stream_processing_metrics AS m (minute, stream_name, consumer_name, processed, errors,
+        dead_lettered, total_processing_ms, max_processing_ms)
+    SELECT date_trunc('minute', now()), %(stream)s, %(consumer)s, processed, errors, dead_lettered,
+           total_ms, max_ms
+    FROM totals WHERE processed > 0
+    ON CONFLICT (minute, stream_name, consumer_name) DO UPDATE SET
+        processed = m.processed + EXCLUDED.processed,
+        errors = m.errors + EXCLUDED.errors,
+        dead_lettered = m.dead_lettered + EXCLUDED.dead_lettered,
+        total_processing_ms = m.total_processing_ms + EXCLUDED.total_processing_ms,
+        max_processing_ms = greatest(m.max_processing_ms, EXCLUDED.max_processing_ms)
+), error_counts AS (
+    INSERT INTO stream_error_metrics AS e (minute, stream_name, error_code, field, count, sample_message)
+    SELECT date_trunc('minute', now()), %(stream)s, (f->>'code')::int, coalesce(f->>'field', ''),
+           count(*), min(f->>'message')
+    FROM ins, jsonb_array_elements(ins.errors) AS f
+    GROUP BY 3, 4
+    ON CONFLICT (minute, stream_name, error_code, field) DO UPDATE SET
+        count = e.count + EXCLUDED.count, sample_message = EXCLUDED.sample_message
+)
+SELECT processed FROM totals
+"""
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits and the like: the standard module copes
+        return json.dumps(value, ensure_ascii=False)
+
+
+def _values(consumer: Consumer, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            _dumps(r.data),
+            r.source,
+            r.status,
+            r.error_code,
+            r.error_message,
+            _dumps(r.errors),
+            consumer.stream,
+            r.stream_id,
+            consumer.name,
+            r.delivery_count,
+            r.batch_id,
+            r.producer,
+            r.produced_at,
+            r.processing_ms,
+        )
+        for r in rows
+    ]
+
+
+def _insert(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
+    params = {
+        "stream": consumer.stream,
+        "consumer": consumer.name,
+        "group": consumer.group,
+        "hostname": consumer.hostname,
+        "pid": consumer.pid,
+        "started_at": consumer.started_at,
+    }
+    with conn.cursor() as cur:
+        # execute_values fills "VALUES %s"; the named parameters are bound first by mogrify.
+        sql = cur.mogrify(_WRITE_BATCH.replace("VALUES %s", "VALUES __ROWS__"), params).decode()
+        result = execute_values(
+            cur,
+            sql.replace("VALUES __ROWS__", "VALUES %s"),
+            _values(consumer, rows),
+            template=_ROW_TEMPLATE,
+            page_size=len(rows),
+            fetch=True,
+        )
+    conn.commit()
+    return int(result[0][0]) if result else 0
+
+
+def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
+    """Insert the rows and the stats in one transaction; returns the rows newly inserted.
+
+    A row the database refuses is isolated by retrying in halves and recorded with code 903;
+    the rest of the batch still commits. Outage errors are raised for the caller to wait out.
+    """
+    if not rows:
+        return 0
+    try:
+        return _insert(conn, consumer, rows)
+    except OUTAGE_ERRORS:
+        raise
+    except psycopg2.Error as exc:
+        conn.rollback()
+        if len(rows) == 1:
+            reason = (exc.pgerror or str(exc)).strip().splitlines()[0][:200]
+            return _insert(conn, consumer, [verdict.rejected(rows[0], reason)])
+        middle = len(rows) // 2
+        return write_batch(conn, consumer, rows[:middle]) + write_batch(
+            conn, consumer, rows[middle:]
+        )
+
+
+def register_consumer(conn: Any, consumer: Consumer) -> None:
+    """Record (or refresh) the consumer's row: host, pid, start time."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO stream_consumer_stats (stream_name, consumer_name, group_name, processed,
+                errors, dead_lettered, total_processing_ms, last_active, hostname, pid, started_at)
+            VALUES (%s, %s, %s, 0, 0, 0, 0, now(), %s, %s, %s)
+            ON CONFLICT (stream_name, consumer_name) DO UPDATE SET group_name = EXCLUDED.group_name,
+                hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, started_at = EXCLUDED.started_at
+            """,
+            (
+                consumer.stream,
+                consumer.name,
+                consumer.group,
+                consumer.hostname,
+                consumer.pid,
+                consumer.started_at,
+            ),
+        )
+    conn.commit()
+
+
+def close(conn: Any) -> None:
+    """Close a connection that may already be broken."""
+    try:
+        conn.close()
+    except Exception:  # a dead connection may refuse even to close
+        pass
+
+
+# -- end of batch writes ---------------------------------------------------------------------

@@ -1,0 +1,507 @@
+"""The only module that speaks Redis: connect, read as a consumer, ack, claim, dead-letter, trim."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import redis
+
+from ratebox.errors import ServerUnavailable
+from ratebox.mask import mask_url
+
+#: A stream entry as read: its ID and its fields (empty when the entry was trimmed or deleted).
+Entry = tuple[str, dict[bytes, bytes]]
+
+#: Errors that mean "the server is not there right now", as opposed to a bad command.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    ConnectionError,
+    OSError,
+)
+
+
+def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
+    """A client for ``url`` (bytes replies); ``check`` pings once and raises ServerUnavailable."""
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        # A blocked XREADGROUP must not look like a dead socket.
+        socket_timeout=block_ms / 1000 + 10,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+    if check:
+        try:
+            client.ping()
+        except OUTAGE_ERRORS as exc:
+            raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None
+    return client
+
+
+def reason(exc: BaseException) -> str:
+    """A short, one-line reason for a Redis error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+    """Create the stream and group when missing (from the stream's start); never reset one."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+        return True
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """True when the group (or its stream) is gone, e.g. after a Redis restart without data."""
+    return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    out: list[Entry] = []
+    if not reply:
+        return out
+    # RESP2 list of [stream, entries] or RESP3 dict {stream: [entries]}.
+    streams = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
+    for entries in streams:
+        for entry_id, fields in entries:
+            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            out.append((key, fields or {}))
+    return out
+
+
+def read(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    count: int,
+    start: str = ">",
+    block_ms: int | None = None,
+) -> list[Entry]:
+    """XREADGROUP: new entries (``>``) or this consumer's own pending entries after ``start``."""
+    reply = client.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+    return _entries(reply)
+
+
+def delivery_counts(
+    client: redis.Redis, stream: str, group: str, first: str, last: str, count: int, consumer: str | None = None
+) -> dict[str, int]:
+    """Times delivered for pending entries between two IDs (XPENDING extended form)."""
+    rows = client.xpending_range(stream, group, min=first, max=last, count=count, consumername=consumer)
+    return {_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+
+def pending_idle(
+    client: redis.Redis, stream: str, group: str, min_idle_ms: int, count: int, start: str = "-"
+) -> list[dict[str, Any]]:
+    """Pending entries idle at least ``min_idle_ms``: id, consumer, idle ms, times delivered."""
+    rows = client.xpending_range(stream, group, min=start, max="+", count=count, idle=min_idle_ms)
+    return [
+        {
+            "id": _id(r["message_id"]),
+            "consumer": _id(r["consumer"]),
+            "idle_ms": int(r["time_since_delivered"]),
+            "deliveries": int(r["times_delivered"]),
+        }
+        for r in rows
+    ]
+
+
+def _id(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ack(client: redis.Redis, stream: str, group: str, ids: Sequence[str]) -> int:
+    """XACK the given IDs in one round trip."""
+    return int(client.xack(stream, group, *ids)) if ids else 0
+
+
+def claim(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, ids: Sequence[str]
+) -> list[Entry]:
+    """XCLAIM entries still idle for ``min_idle_ms`` to ``consumer`` (counts a delivery)."""
+    if not ids:
+        return []
+    reply = client.xclaim(stream, group, consumer, min_idle_ms, list(ids))
+    return [(_id(entry_id), fields or {}) for entry_id, fields in reply]
+
+
+def touch(client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequence[str]) -> None:
+    """Reset the idle time of entries this consumer holds, without counting a delivery."""
+    if ids:
+        client.xclaim(stream, group, consumer, 0, list(ids), justid=True)
+
+
+def publish(client: redis.Redis, stream: str, messages: Iterable[Mapping[str, Any]], chunk: int = 1000) -> list[str]:
+    """XADD many entries, pipelined ``chunk`` per round trip; returns their IDs."""
+    ids: list[str] = []
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+    for fields in messages:
+        pipe.xadd(stream, dict(fields))
+        pending += 1
+        if pending >= chunk:
+            ids.extend(_id(i) for i in pipe.execute())
+            pending = 0
+    if pending:
+        ids.extend(_id(i) for i in pipe.execute())
+    return ids
+
+
+# XACK and XADD in one atomic step, and the copy only when this call removed the entry from
+# the pending list: two processes dead-lettering the same entry leave exactly one copy.
+_MOVE = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+end
+return acked
+"""
+
+
+def move_to_dead_letter(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    target: str,
+    entry_id: str,
+    fields: Mapping[Any, Any],
+    extra: Mapping[str, str],
+) -> bool:
+    """Ack an entry and copy it (fields plus ``extra``) to ``target``, atomically and at most once."""
+    flat: list[Any] = []
+    for key, value in {**dict(fields), **{k.encode(): v for k, v in extra.items()}}.items():
+        flat.extend((key, value))
+    return bool(client.eval(_MOVE, 2, stream, target, group, entry_id, *flat))
+
+
+def stream_info(client: redis.Redis, stream: str) -> dict[str, Any] | None:
+    """XINFO STREAM, or None when the stream does not exist."""
+    try:
+        return client.xinfo_stream(stream)
+    except redis.ResponseError:
+        return None
+
+
+def groups(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
+    """XINFO GROUPS (empty when the stream does not exist)."""
+    try:
+        return client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return []
+
+
+def consumers(client: redis.Redis, stream: str, group: str) -> list[dict[str, Any]]:
+    """XINFO CONSUMERS (empty when the stream or group does not exist)."""
+    try:
+        return client.xinfo_consumers(stream, group)
+    except redis.ResponseError:
+        return []
+
+
+# -- monitor ----------------------------------------------------------------------------------
+# Read-only figures for ratebox.monitor. Redis 6.2 (the embedded server) reports no group
+# `lag`, so it is derived here, and every lag says whether it was read, counted or estimated.
+
+#: Entries counted server-side before the lag is estimated from ID timestamps instead: counting
+#: is O(n) inside Redis, and a monitor must not stall the server behind a backlog of millions.
+LAG_COUNT_LIMIT = 10_000
+
+# Counts the entries after an ID without sending them over the wire.
+_COUNT_AFTER = """
+local r = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+return #r
+"""
+
+
+def memory_usage(client: redis.Redis, stream: str) -> int | None:
+    """MEMORY USAGE of the stream in bytes (Redis samples its nodes: approximate)."""
+    try:
+        value = client.memory_usage(stream)
+    except redis.ResponseError:
+        return None
+    return int(value) if value is not None else None
+
+
+def length(client: redis.Redis, stream: str) -> int:
+    """XLEN (0 when the stream does not exist)."""
+    return int(client.xlen(stream))
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+def group_lag(
+    client: redis.Redis, stream: str, group: Mapping[str, Any], info: Mapping[str, Any]
+) -> tuple[int | None, str]:
+    """Entries never delivered to the group, and how the figure was had: read, counted or estimate."""
+    lag = group.get("lag")
+    if lag is not None:
+        return int(lag), "read"
+    added, read_ = info.get("entries-added"), group.get("entries-read")
+    if added is not None and read_ is not None:
+        return max(int(added) - int(read_), 0), "read"
+    size = int(info.get("length", 0))
+    first, last = info.get("first-entry"), info.get("last-entry")
+    if not size or not first or not last:
+        return 0, "counted"
+    delivered = _id(group.get("last-delivered-id", b"0-0"))
+    first_id, last_id = _id(first[0]), _id(last[0])
+    if _key(last_id) <= _key(delivered):
+        return 0, "counted"
+    if _key(first_id) > _key(delivered):
+        return size, "counted"
+    counted = int(client.eval(_COUNT_AFTER, 1, stream, "(" + delivered, LAG_COUNT_LIMIT + 1))
+    if counted <= LAG_COUNT_LIMIT:
+        return counted, "counted"
+    # Too many to count: the share of the stream's time span after the last delivered ID.
+    span = max(_key(last_id)[0] - _key(first_id)[0], 1)
+    share = (_key(last_id)[0] - _key(delivered)[0]) / span
+    return max(int(size * share), counted), "estimate"
+
+
+# -- sweeper, dead letters and replay ---------------------------------------------------------
+# Used by ratebox.sweeper, ratebox.deadletter and ratebox.replay. Every step that must not
+# race with a worker (trimming, removing a consumer, replaying) is one Lua script, so Redis
+# runs it atomically.
+
+#: claim_one outcomes: the entry is ours now; its payload was trimmed or deleted; someone else
+#: has it (a worker touched or acknowledged it since XPENDING listed it).
+CLAIMED, GONE, TAKEN = "claimed", "gone", "taken"
+
+# Compares stream IDs as text (no leading zeros: longer is larger), so a 64-bit sequence
+# never loses precision in a Lua number.
+_ID_LESS = """
+local function less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+"""
+
+# Trims entries older than the retention, but never at or past any group's oldest pending
+# entry nor past its last-delivered ID; with no group at all nothing was delivered, so
+# nothing goes. Redis's own clock sets the cutoff: entry IDs are stamped with it.
+_TRIM = (
+    _ID_LESS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {0, ''} end
+local now = redis.call('TIME')
+local cutoff_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[1])
+if cutoff_ms <= 0 then return {0, ''} end
+local bound = string.format('%d-0', cutoff_ms)
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if less(info['last-delivered-id'], bound) then bound = info['last-delivered-id'] end
+  if tonumber(info['pending']) > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], info['name'])[2]
+    if oldest and less(oldest, bound) then bound = oldest end
+  end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', bound), bound}
+"""
+)
+
+# Removes a consumer only while it holds nothing and has been idle long enough, checked in the
+# same atomic step: DELCONSUMER drops the pending entries of the consumer it deletes.
+_DEL_IDLE_CONSUMER = """
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] == ARGV[2] then
+    if tonumber(info['pending']) == 0 and tonumber(info['idle']) >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"""
+
+# Deleting the dead-letter entry and adding its copy in one step: a replay happens at most
+# once even when two operators replay the same entry at the same time.
+_REPLAY = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return false end
+local drop = {}
+for i = 2, #ARGV do drop[ARGV[i]] = true end
+local fields = {}
+local stored = found[1][2]
+for i = 1, #stored, 2 do
+  if not drop[stored[i]] then
+    fields[#fields + 1] = stored[i]
+    fields[#fields + 1] = stored[i + 1]
+  end
+end
+if #fields == 0 then return false end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return redis.call('XADD', KEYS[2], '*', unpack(fields))
+"""
+
+# Counts and drops the whole stream in one step, so the count is what was dropped.
+_PURGE = """
+local n = redis.call('XLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return n
+"""
+
+
+def claim_one(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, entry_id: str
+) -> tuple[str, Entry | None]:
+    """XCLAIM one entry still idle ``min_idle_ms`` (counts a delivery): CLAIMED, GONE or TAKEN."""
+    reply = client.xclaim(stream, group, consumer, min_idle_ms, [entry_id])
+    if reply:
+        claimed_id, fields = reply[0]
+        # Redis 6.2 claims a deleted entry and answers nil for it: the caller must ack it.
+        if claimed_id is None or not fields:
+            return GONE, None
+        return CLAIMED, (_id(claimed_id), fields)
+    # Redis 7 drops a deleted entry from the group and answers nothing, as it does for an
+    # entry that is no longer idle: only the stream itself tells them apart.
+    if not client.xrange(stream, entry_id, entry_id, count=1):
+        return GONE, None
+    return TAKEN, None
+
+
+def trim_acknowledged(
+    client: redis.Redis, stream: str, retention_ms: int
+) -> tuple[int, str | None]:
+    """XTRIM MINID entries older than the retention, never past what any group still needs."""
+    trimmed, bound = client.eval(_TRIM, 1, stream, int(retention_ms))
+    return int(trimmed), (_id(bound) or None)
+
+
+def remove_idle_consumer(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int
+) -> bool:
+    """XGROUP DELCONSUMER, only if the consumer holds no entry and is idle ``min_idle_ms``."""
+    return bool(client.eval(_DEL_IDLE_CONSUMER, 1, stream, group, consumer, int(min_idle_ms)))
+
+
+def entries_between(
+    client: redis.Redis, stream: str, start: str, end: str, count: int
+) -> list[Entry]:
+    """XRANGE from ``start`` to ``end`` (``(`` before an ID excludes it), at most ``count``."""
+    return [
+        (_id(entry_id), fields or {})
+        for entry_id, fields in client.xrange(stream, start, end, count=count)
+    ]
+
+
+def replay_entry(
+    client: redis.Redis, dead: str, target: str, entry_id: str, drop: Sequence[str]
+) -> str | None:
+    """Move a dead-letter entry back onto ``target`` minus ``drop`` fields; its new ID or None."""
+    new_id = client.eval(_REPLAY, 2, dead, target, entry_id, *drop)
+    return _id(new_id) if new_id else None
+
+
+def delete_entries(client: redis.Redis, stream: str, ids: Sequence[str]) -> int:
+    """XDEL the given IDs; returns how many existed."""
+    return int(client.xdel(stream, *ids)) if ids else 0
+
+
+def drop_stream(client: redis.Redis, stream: str) -> int:
+    """Delete the whole stream; returns how many entries it held."""
+    return int(client.eval(_PURGE, 1, stream))
+
+
+# -- end of sweeper, dead letters and replay ----------------------------------------------------
+
+
+# -- supervisor lease
+#
+# A supervisor holds one key per (stream, group, name prefix) while its children use those
+# consumer names. The value names the holder (host:pid:random) so that only the holder can
+# refresh or release it, and a dead holder's key simply expires.
+
+# Refresh only a lease we still hold: after an expiry another supervisor may own the key.
+_LEASE_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Check and delete in one step, so an entry delivered between the two cannot be orphaned.
+_DELETE_IDLE_CONSUMER = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+if #pending > 0 then
+  return {0, #pending}
+end
+return {redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]), 0}
+"""
+
+
+def connect_quick(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client with short timeouts for the supervisor's loop; pings once (ServerUnavailable)."""
+    client = redis.Redis.from_url(
+        url, decode_responses=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        client.ping()
+    except OUTAGE_ERRORS as exc:
+        raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None
+    return client
+
+
+def take_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> str | None:
+    """SET NX PX: None when taken (or already ours), else the current holder's value."""
+    if client.set(key, holder, nx=True, px=ttl_ms):
+        return None
+    current = client.get(key)
+    if current is None:  # expired between the two commands: try once more
+        return None if client.set(key, holder, nx=True, px=ttl_ms) else _id(client.get(key) or b"?")
+    current_text = _id(current)
+    if current_text == holder:
+        client.pexpire(key, ttl_ms)
+        return None
+    return current_text
+
+
+def refresh_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
+    """Extend the lease if we still hold it; False when it expired or belongs to another."""
+    return bool(client.eval(_LEASE_REFRESH, 1, key, holder, ttl_ms))
+
+
+def release_lease(client: redis.Redis, key: str, holder: str) -> bool:
+    """Delete the lease if we still hold it."""
+    return bool(client.eval(_LEASE_RELEASE, 1, key, holder))
+
+
+def delete_consumer_if_idle(
+    client: redis.Redis, stream: str, group: str, consumer: str
+) -> tuple[bool, int]:
+    """XGROUP DELCONSUMER only when the consumer holds nothing: (deleted, pending held)."""
+    try:
+        deleted, pending = client.eval(_DELETE_IDLE_CONSUMER, 1, stream, group, consumer)
+    except redis.ResponseError as exc:
+        if is_nogroup(exc):
+            return False, 0
+        raise
+    return bool(deleted), int(pending)

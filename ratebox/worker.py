@@ -1,0 +1,229 @@
+"""One consumer: its own pending entries first, then new ones, one batch per loop turn.
+
+Lifecycle in the huey shape: ``Worker(...)`` touches nothing, ``initialize()`` does the
+post-fork setup, ``loop()`` does one batch (tests call it directly), ``run()`` ties them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from ratebox import stream
+from ratebox.config import Settings
+from ratebox.errors import EXIT_OK
+from ratebox.pipeline import OUTAGE_ERRORS, Outage, Pipeline, sleep
+from ratebox.rules import Engine, compile_rules
+from ratebox.stream import Entry
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker stopped at once by a second signal (its batch stays pending).
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Batch:
+    """Entries in hand: kept across an outage until committed and acknowledged."""
+
+    entries: list[Entry]
+    deliveries: dict[str, int] = field(default_factory=dict)
+    #: Redelivered entries are processed one by one, so a poison pill takes down only itself.
+    one_by_one: bool = False
+
+
+class Worker:
+    """A consumer of the group, named once and for all (its pending entries belong to the name)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        redis_url: str,
+        dsn: str,
+        engine: Engine | None = None,
+        beat: Callable[[], None] = lambda: None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.pipeline = Pipeline(
+            settings, name, redis_url, dsn, engine or compile_rules(settings.rules)
+        )
+        self.beat = beat
+        self.parent_pid = parent_pid
+        self.stopping = False
+        self.cursor: str | None = "0"  # reading own pending history until it is exhausted
+        self.batch: Batch | None = None
+        self.group_ready = False
+        self.outage = Outage(f"worker {name}")
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Post-fork setup: signal handlers (connections open lazily in the loop)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_INTERRUPTED))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        log.info(
+            "started, reading %s as %s/%s",
+            self.settings.stream.name,
+            self.settings.stream.group,
+            self.name,
+        )
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            # A second signal: leave now; whatever is in hand stays pending and is redelivered.
+            os._exit(EXIT_INTERRUPTED)
+        self.stopping = True
+
+    def run(self) -> int:
+        """Loop until stopped; outages are waited out. Returns the exit status."""
+        self.initialize()
+        while not self.stopping and self._parent_alive():
+            self.beat()
+            try:
+                self.loop()
+                self.outage.recovered()
+            except OUTAGE_ERRORS as exc:
+                self.pipeline.reset()
+                sleep(
+                    self.outage.failed(exc),
+                    lambda: not self.stopping and self._parent_alive(),
+                    self._outage_tick,
+                )
+            except Exception as exc:
+                if not stream.is_nogroup(exc):
+                    raise
+                log.warning(
+                    "group %s is gone (Redis lost its data?); creating it again",
+                    self.settings.stream.group,
+                )
+                self.cursor, self.group_ready, self.batch = "0", False, None
+        self.shutdown()
+        return EXIT_OK
+
+    def shutdown(self) -> None:
+        """Close connections; whatever was not acknowledged stays pending for the next start."""
+        log.info(
+            "stopping after %d entries%s",
+            self.processed,
+            " (batch in hand stays pending)" if self.batch else "",
+        )
+        self.pipeline.reset()
+
+    # -- sweeper: keep the batch in hand fresh during an outage ---------------------------------
+    #: When the batch in hand is next touched (time.monotonic()).
+    _touch_due = 0.0
+
+    def _outage_tick(self) -> None:
+        """Beat, and keep the batch in hand from looking abandoned while an outage lasts."""
+        self.beat()
+        if self.batch is None or not self.batch.entries or time.monotonic() < self._touch_due:
+            return
+        # An outage is not the messages' fault: left idle, they would be claimed by the sweeper
+        # with a delivery counted each time, and a long outage would dead-letter good messages.
+        # XCLAIM JUSTID to ourselves resets their idle time without counting a delivery.
+        self._touch_due = time.monotonic() + self.settings.sweeper.min_idle_ms / 4000
+        s = self.settings
+        ids = [entry_id for entry_id, _ in self.batch.entries]
+        # Redis down as well is fine: then nobody can claim them either.
+        with contextlib.suppress(*OUTAGE_ERRORS):
+            stream.touch(self.pipeline.redis, s.stream.name, s.stream.group, self.name, ids)
+
+    # -- end of sweeper section -----------------------------------------------------------------
+
+    def _parent_alive(self) -> bool:
+        # Orphaned workers would keep consuming under a name no supervisor watches.
+        return self.parent_pid is None or os.getppid() == self.parent_pid
+
+    # -- one turn --------------------------------------------------------------------------
+
+    def loop(self) -> int:
+        """Read (or keep) one batch, commit its rows, acknowledge it. Returns entries handled."""
+        if self.batch is None:
+            self.batch = self._next_batch()
+        batch = self.batch
+        if batch.one_by_one:
+            while batch.entries:
+                self.pipeline.process(batch.entries[:1], batch.deliveries)
+                batch.entries.pop(0)
+                self.processed += 1
+                self.beat()
+            handled = 0
+        else:
+            self.pipeline.process(batch.entries, batch.deliveries)
+            handled = len(batch.entries)
+            self.processed += handled
+        self.batch = None
+        return handled
+
+    def _next_batch(self) -> Batch:
+        s = self.settings
+        if not self.group_ready:
+            stream.ensure_group(self.pipeline.redis, s.stream.name, s.stream.group)
+            self.group_ready = True
+        if self.cursor is not None:
+            entries = stream.read(
+                self.pipeline.redis,
+                s.stream.name,
+                s.stream.group,
+                self.name,
+                s.workers.batch_size,
+                self.cursor,
+            )
+            if entries:
+                batch = self._own_pending(entries)
+                self.cursor = entries[-1][0]  # only once the whole page is dealt with
+                return batch
+            self.cursor = None
+        entries = stream.read(
+            self.pipeline.redis,
+            s.stream.name,
+            s.stream.group,
+            self.name,
+            s.workers.batch_size,
+            ">",
+            s.workers.block_ms,
+        )
+        return Batch(entries)
+
+    def _own_pending(self, entries: list[Entry]) -> Batch:
+        """Entries this name held when it last stopped: drop the gone, dead-letter the hopeless."""
+        s = self.settings
+        counts = stream.delivery_counts(
+            self.pipeline.redis,
+            s.stream.name,
+            s.stream.group,
+            entries[0][0],
+            entries[-1][0],
+            len(entries),
+            self.name,
+        )
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        self.pipeline.forget(gone)
+        keep: list[Entry] = []
+        for entry in entries:
+            deliveries = counts.get(entry[0], 1)
+            if not entry[1]:
+                continue
+            if deliveries > s.workers.max_retries:
+                self.pipeline.dead_letter(entry, deliveries, "processing failed on every delivery")
+            else:
+                keep.append(entry)
+        return Batch(keep, counts, one_by_one=any(counts.get(e[0], 1) > 1 for e in keep))
+
+
+def run(settings: Settings, name: str, redis_url: str, dsn: str, **kwargs: object) -> int:
+    """Entry point of a worker process (after fork or from ratebox-worker)."""
+    worker = Worker(settings, name, redis_url, dsn, **kwargs)  # type: ignore[arg-type]
+    return worker.run()

@@ -1,0 +1,124 @@
+"""Fixtures on real servers: REDIS_URL / POSTGRES_DSN when set, else embedded ones per session.
+
+Every test gets its own names (stream, group, dead letter, PostgreSQL schema), so tests share
+the servers without sharing data and without flushing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn, parse_dsn
+
+from ratebox import embedded, migrate
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names unique to one test; suffix is t_<8 hex> and doubles as its schema name."""
+
+    suffix: str
+
+    @property
+    def stream(self) -> str:
+        return f"raw_items_{self.suffix}"
+
+    @property
+    def group(self) -> str:
+        return f"validator_workers_{self.suffix}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"raw_items_{self.suffix}:dead"
+
+    @property
+    def schema(self) -> str:
+        return self.suffix
+
+
+def _with_search_path(dsn: str, schema: str) -> str:
+    """dsn (URL or key=value) with search_path set to schema, keeping its other options."""
+    options = parse_dsn(dsn).get("options", "")
+    return make_dsn(dsn, options=f"{options} -c search_path={schema}".strip())
+
+
+def _embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "embedded"
+
+
+def _from_env(name: str) -> str | None:
+    value = os.environ.get(name, "")
+    return value if value and value != embedded.EMBEDDED else None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL, or the URL of an embedded Redis started for this session."""
+    url = _from_env("REDIS_URL")
+    if url is not None:
+        yield url
+        return
+    var = _embedded_dir(tmp_path_factory)
+    yield embedded.ensure_redis(var)
+    embedded.stop_redis(var)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """POSTGRES_DSN, or the DSN of an embedded PostgreSQL started for this session."""
+    dsn = _from_env("POSTGRES_DSN")
+    if dsn is not None:
+        yield dsn
+        return
+    var = _embedded_dir(tmp_path_factory)
+    yield embedded.ensure_postgres(var)
+    embedded.stop_postgres(var)
+
+
+@pytest.fixture
+def names() -> Names:
+    """Fresh names for this test."""
+    return Names(f"t_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def redis_client(redis_url: str, names: Names) -> Iterator[redis.Redis]:
+    """A client (bytes replies) on redis_url; this test's keys are deleted afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    for key in client.scan_iter(match=f"*{names.suffix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def empty_schema_dsn(postgres_dsn: str, names: Names) -> Iterator[str]:
+    """A DSN whose search_path is a new, empty schema; the schema is dropped afterwards."""
+    schema = sql.Identifier(names.schema)
+    with closing(psycopg2.connect(postgres_dsn)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+    yield _with_search_path(postgres_dsn, names.schema)
+    with closing(psycopg2.connect(postgres_dsn)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            # A connection the test left open would make DROP wait forever: fail instead.
+            cur.execute("SET lock_timeout = '10s'")
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema))
+
+
+@pytest.fixture
+def pg_schema_dsn(empty_schema_dsn: str) -> str:
+    """A DSN whose search_path is a new schema with every migration applied."""
+    migrate.run(empty_schema_dsn)
+    return empty_schema_dsn

@@ -1,0 +1,185 @@
+"""Masking of personal data and secrets for logs, dashboards and error messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ratebox.mask import mask_email, mask_item, mask_text, mask_url, mask_value
+
+EIGHT_DIGITS = re.compile(r"\d{8,}")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12345678901", "*******8901"),
+        ("0123456789", "******6789"),
+        ("12345", "*2345"),
+        ("1234", "****"),
+        ("12", "**"),
+        ("", ""),
+    ],
+)
+def test_mask_value_stars_all_but_the_last_four(value, expected):
+    assert mask_value(value) == expected
+
+
+def test_mask_value_keeps_as_many_as_asked():
+    assert mask_value("12345678", keep=2) == "******78"
+    assert mask_value("12345678", keep=0) == "********"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("user@example.com", "u***@example.com"),
+        ("a@b.co", "a***@b.co"),
+        ("@example.com", "***@example.com"),
+        ("a@b@example.com", "a***@example.com"),
+        ("not-an-email", "********mail"),
+    ],
+)
+def test_mask_email_keeps_the_first_letter_and_the_domain(value, expected):
+    assert mask_email(value) == expected
+
+
+def test_mask_item_masks_personal_fields_and_secrets():
+    item = {
+        "phone": "0123456789",
+        "bank_account": 12345678901,
+        "email": "user@example.com",
+        "name": "Nguyen Van A",
+        "Password": "hunter2",
+        "api_key": 42,
+        "db_secret": {"nested": True},
+        "access_token": "abc",
+        "source": "web_crawler",
+    }
+    assert mask_item(item) == {
+        "phone": "******6789",
+        "bank_account": "*******8901",
+        "email": "u***@example.com",
+        "name": "Nguyen Van A",
+        "Password": "***",
+        "api_key": "***",
+        "db_secret": "***",
+        "access_token": "***",
+        "source": "web_crawler",
+    }
+
+
+def test_mask_item_does_not_change_its_argument():
+    item = {"phone": "0123456789"}
+    mask_item(item)
+    assert item == {"phone": "0123456789"}
+
+
+def test_mask_item_masks_nested_items_and_numbers_in_free_text():
+    item = {"contacts": [{"phone": "0987654321"}], "note": "call 0912 345 678"}
+    assert mask_item(item) == {"contacts": [{"phone": "******4321"}], "note": "call ******5678"}
+
+
+def test_mask_item_masks_long_numbers_under_any_key_and_keeps_short_ones():
+    item = {"account_no": 12345678901, "count": 3, "ratio": 0.5, "ok": True, "none": None}
+    assert mask_item(item) == {**item, "account_no": "*******8901"}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:s3cret@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        (
+            "rediss://default:s3cret@cache.internal:6380/1",
+            "rediss://default:***@cache.internal:6380/1",
+        ),
+        (
+            "postgresql://ratebox:p@ss@db:5432/validator",
+            "postgresql://ratebox:***@db:5432/validator",
+        ),
+        ("postgresql://ratebox@db/validator", "postgresql://ratebox@db/validator"),
+        (
+            "host=db user=ratebox password=s3cret dbname=v",
+            "host=db user=ratebox password=*** dbname=v",
+        ),
+        ("host=db password='s3 cret' dbname=v", "host=db password='***' dbname=v"),
+        (
+            "postgresql://db/v?password=s3cret&sslmode=require",
+            "postgresql://db/v?password=***&sslmode=require",
+        ),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("embedded", "embedded"),
+    ],
+)
+def test_mask_url_hides_the_password_only(url, expected):
+    assert mask_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "cannot reach Redis at redis://:s3cret@10.0.0.5:6379/0: Connection refused",
+            "cannot reach Redis at redis://:***@10.0.0.5:6379/0: Connection refused",
+        ),
+        (
+            '{"phone": "0123456789", "password": "hunter2"}',
+            '{"phone": "******6789", "password": "***"}',
+        ),
+        ("{'db_password': \"it's\", 'x': 1}", "{'db_password': \"***\", 'x': 1}"),
+        ("login user@example.com failed", "login u***@example.com failed"),
+        ("phone +84 912-345-678 rejected", "phone *******5678 rejected"),
+        ("account 12345678901", "account *******8901"),
+        ("short 1234567 stays", "short 1234567 stays"),
+        ("secret=abc token: xyz tokens: 500", "secret=*** token: *** tokens: 500"),
+        (
+            "2024-06-08 00:13:03,123 INFO worker_001 done in 12.5 ms",
+            "2024-06-08 00:13:03,123 INFO worker_001 done in 12.5 ms",
+        ),
+        ("produced 2024-06-08T00:13:03+07:00", "produced 2024-06-08T00:13:03+07:00"),
+    ],
+)
+def test_mask_text_scrubs_a_log_line(line, expected):
+    assert mask_text(line) == expected
+
+
+def test_mask_text_leaves_no_digits_in_the_user_of_a_url_or_a_domain():
+    assert mask_text("redis://123456789:pw@host") == "redis://*****6789:***@host"
+    assert mask_text("x@123456789.com") == "x***@*****6789.com"
+
+
+def test_mask_text_is_idempotent_on_its_own_output():
+    line = "user@example.com 0123456789 password=x redis://:pw@h"
+    once = mask_text(line)
+    assert mask_text(once) == once
+
+
+def test_mask_text_stays_linear_on_long_hostile_lines():
+    # Would take minutes with a backtracking pattern; a few milliseconds here.
+    for line in ["a" * 50_000, "1 " * 25_000, "a." * 25_000, "password=" * 5_000, "a@" * 25_000]:
+        assert len(mask_text(line)) <= len(line)
+
+
+digits_and_noise = st.text(alphabet="0123456789 -+@.:=/abcxyz_'\"", max_size=120)
+
+
+@given(digits_and_noise | st.text(max_size=80))
+def test_no_run_of_eight_digits_survives_mask_text(text):
+    assert not EIGHT_DIGITS.search(mask_text(text))
+
+
+@given(st.text(alphabet="0123456789", min_size=8, max_size=40), st.text(max_size=20))
+def test_a_long_number_never_appears_in_the_masked_text(number, around):
+    masked = mask_text(f"{around} {number} {around}")
+    assert number not in masked
+
+
+@given(st.text(max_size=40))
+def test_mask_value_keeps_the_length_and_at_most_four_characters(text):
+    masked = mask_value(text)
+    assert len(masked) == len(text)
+    assert masked[-4:] == text[-4:] or len(text) <= 4
+    assert set(masked[: max(len(text) - 4, 0)]) <= {"*"}
