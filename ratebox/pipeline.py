@@ -19,13 +19,18 @@ import redis
 
 from ratebox import store, stream, verdict
 from ratebox.config import Settings
+from ratebox.errors import ServerUnavailable
 from ratebox.rules import Engine
 from ratebox.stream import Entry
 
 log = logging.getLogger(__name__)
 
 #: An outage of either server: wait it out, never blame the message.
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = stream.OUTAGE_ERRORS + store.OUTAGE_ERRORS
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    *stream.OUTAGE_ERRORS,
+    *store.OUTAGE_ERRORS,
+    ServerUnavailable,
+)
 
 
 class Pipeline:

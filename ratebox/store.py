@@ -262,6 +262,10 @@ def _insert(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
     return int(result[0][0]) if result else 0
 
 
+class SchemaMissing(RateboxError):
+    """The database was never migrated: waiting will not fix it."""
+
+
 def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
     """Insert the rows and the stats in one transaction; returns the rows newly inserted.
 
@@ -288,6 +292,13 @@ def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
 def register_consumer(conn: Any, consumer: Consumer) -> None:
     """Record (or refresh) the consumer's row: host, pid, start time."""
     with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('raw_items') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            conn.rollback()
+            raise SchemaMissing(
+                "the database has no raw_items table: run bin/ratebox-migrate "
+                "(or set postgres.migrate_on_start)"
+            )
         cur.execute(
             """
             INSERT INTO stream_consumer_stats (stream_name, consumer_name, group_name, processed,
@@ -317,3 +328,225 @@ def close(conn: Any) -> None:
 
 
 # -- end of batch writes ---------------------------------------------------------------------
+
+
+# -- sweeper ------------------------------------------------------------------------------------
+
+
+def ping(conn: Any) -> None:
+    """One round trip, so a dead server shows as an outage error before anything is claimed."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    conn.rollback()  # end the implicit transaction: an idle session holds nothing open
+
+
+# -- end of sweeper -----------------------------------------------------------------------------
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+_VERDICT_TEMPLATE = "(%s, %s, %s::integer, %s, %s::jsonb)"
+
+# One statement per page: compare each row's verdict with the new one, update those that
+# differ, and count. Rows holding a pipeline verdict (900 and above: rejected, dead-lettered,
+# malformed) are not re-judged by rules, and neither is a new verdict of that kind.
+_UPDATE_VERDICTS = """
+WITH v (stream_id, status, error_code, error_message, errors) AS (VALUES %s),
+cur AS (
+    SELECT r.id, v.stream_id,
+           coalesce(r.error_code >= 900, false) OR coalesce(v.error_code >= 900, false) AS pipeline,
+           (r.status, r.error_code, r.error_message, r.errors)
+               IS DISTINCT FROM (v.status, v.error_code, v.error_message, v.errors) AS differs
+    FROM raw_items r JOIN v ON r.stream_id = v.stream_id
+    WHERE r.stream_name = %(stream)s
+    FOR UPDATE OF r
+), upd AS (
+    UPDATE raw_items r
+    SET status = v.status, error_code = v.error_code, error_message = v.error_message,
+        errors = v.errors, processed_at = now()
+    FROM cur JOIN v ON v.stream_id = cur.stream_id
+    WHERE r.id = cur.id AND cur.differs AND NOT cur.pipeline
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upd),
+       count(*) FILTER (WHERE NOT pipeline AND NOT differs),
+       count(*) FILTER (WHERE pipeline)
+FROM cur
+"""
+
+
+def update_verdicts(conn: Any, stream: str, rows: Sequence[Row]) -> dict[str, int]:
+    """Rewrite the verdicts of existing rows in one transaction: counts changed/unchanged/skipped.
+
+    Rows not in the table yet are left to the workers; the caller counts them as the rest.
+    """
+    if not rows:
+        return {"changed": 0, "unchanged": 0, "skipped": 0}
+    values = [
+        (r.stream_id, r.status, r.error_code, r.error_message, _dumps(r.errors)) for r in rows
+    ]
+    try:
+        with conn.cursor() as cur:
+            sql = cur.mogrify(
+                _UPDATE_VERDICTS.replace("VALUES %s", "VALUES __ROWS__"), {"stream": stream}
+            ).decode()
+            result = execute_values(
+                cur,
+                sql.replace("VALUES __ROWS__", "VALUES %s"),
+                values,
+                template=_VERDICT_TEMPLATE,
+                page_size=len(values),
+                fetch=True,
+            )
+        conn.commit()
+    except Exception:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+    changed, unchanged, skipped = result[0]
+    return {"changed": int(changed), "unchanged": int(unchanged), "skipped": int(skipped)}
+
+
+# -- end of replay ------------------------------------------------------------------------------
+
+
+# -- monitor queries ----------------------------------------------------------------------------
+# Read-only figures for ratebox.monitor, all in one short read-only transaction. Each query
+# reads small tables (one row per consumer, per minute, per error code) or an index of a few
+# kB, never a scan of raw_items: EXPLAIN ANALYZE on 1,000,000 rows in bench/monitor_report.py.
+
+#: A report that cannot be had in this time is better shown as unavailable than waited for.
+MONITOR_TIMEOUT_MS = 5000
+#: Minutes of per-minute throughput returned for the dashboard's history.
+THROUGHPUT_MINUTES = 15
+
+# done/error from the per-consumer counters (processed counts every verdict, errors is a
+# subset), so totals cost O(consumers) however large raw_items grows.
+_TOTALS = """
+SELECT coalesce(sum(processed), 0)::bigint,
+       coalesce(sum(errors), 0)::bigint,
+       coalesce(sum(dead_lettered), 0)::bigint
+FROM stream_consumer_stats WHERE stream_name = %s
+"""
+# Index-only scan of raw_items_pending_idx (002): pending rows are few.
+_PENDING = "SELECT count(*) FROM raw_items WHERE status = 'pending' AND stream_name = %s"
+# The planner's row count, refreshed by (auto)vacuum and analyze: an estimate, said so.
+_ROWS_ESTIMATE = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('raw_items')"
+
+_CONSUMERS = """
+SELECT s.consumer_name AS name, s.group_name AS "group", s.processed, s.errors, s.dead_lettered,
+       coalesce(s.errors::float8 / NULLIF(s.processed, 0), 0) AS error_rate,
+       s.avg_processing_ms AS avg_ms, m.max_ms AS max_ms_1h, s.total_processing_ms AS total_ms,
+       s.last_active, s.hostname, s.pid, s.started_at
+FROM stream_consumer_stats AS s
+LEFT JOIN LATERAL (
+    SELECT max(max_processing_ms) AS max_ms
+    FROM stream_processing_metrics AS p
+    WHERE p.minute >= now() - interval '1 hour'
+      AND p.stream_name = s.stream_name AND p.consumer_name = s.consumer_name
+) AS m ON true
+WHERE s.stream_name = %s
+ORDER BY s.consumer_name
+"""
+
+# The two views of SPEC §6 cover every stream in the schema (one, in practice).
+_RECENT = "SELECT status, count, avg_processing_ms AS avg_ms FROM v_recent_activity ORDER BY status"
+
+_TOP_ERRORS = """
+SELECT error_code AS code, field, count, sample_message AS sample FROM v_top_errors LIMIT %s
+"""
+
+_THROUGHPUT = """
+SELECT minute, sum(processed)::bigint, sum(errors)::bigint
+FROM stream_processing_metrics
+WHERE stream_name = %s AND minute >= date_trunc('minute', now()) - make_interval(mins => %s)
+GROUP BY minute
+ORDER BY minute
+"""
+# Messages per second from the start of the minute N minutes ago until now: the current,
+# partial minute counts, and the divisor is the time really covered.
+_RATES = """
+SELECT coalesce(sum(processed) FILTER (WHERE minute >= w.m1), 0)
+           / extract(epoch FROM now() - w.m1)::float8,
+       coalesce(sum(processed), 0) / extract(epoch FROM now() - w.m5)::float8
+FROM (SELECT date_trunc('minute', now()) - interval '1 minute' AS m1,
+             date_trunc('minute', now()) - interval '5 minutes' AS m5) AS w
+LEFT JOIN stream_processing_metrics AS p ON p.stream_name = %s AND p.minute >= w.m5
+GROUP BY w.m1, w.m5
+"""
+
+
+def monitor_figures(conn: Any, stream_name: str, top: int = 10) -> dict[str, Any]:
+    """Every database figure of the monitor report, read in one read-only transaction."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET TRANSACTION READ ONLY")
+            cur.execute("SET LOCAL statement_timeout = %s", (MONITOR_TIMEOUT_MS,))
+            cur.execute("SELECT now()")
+            now = cur.fetchone()[0]
+            return {
+                "now": now,
+                "totals": _status_totals(cur, stream_name),
+                "rows_estimate": _rows_estimate(cur),
+                "consumers": _consumer_performance(cur, stream_name),
+                "recent": _recent_activity(cur),
+                "top_errors": _top_errors(cur, top),
+                "throughput": _throughput(cur, stream_name),
+            }
+    finally:
+        # Never keep a snapshot open between refreshes: it would hold back vacuum.
+        if not conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+
+
+def _status_totals(cur: Any, stream_name: str) -> dict[str, int]:
+    cur.execute(_TOTALS, (stream_name,))
+    processed, errors, dead = cur.fetchone()
+    cur.execute(_PENDING, (stream_name,))
+    (pending,) = cur.fetchone()
+    return {
+        "done": processed - errors,
+        "error": errors,
+        "pending": pending,
+        "dead_lettered": dead,
+        "processed": processed,
+    }
+
+
+def _rows_estimate(cur: Any) -> int | None:
+    cur.execute(_ROWS_ESTIMATE)
+    found = cur.fetchone()
+    # -1 means "never analysed": no estimate at all, rather than a wrong one.
+    return int(found[0]) if found and found[0] is not None and found[0] >= 0 else None
+
+
+def _consumer_performance(cur: Any, stream_name: str) -> list[dict[str, Any]]:
+    cur.execute(_CONSUMERS, (stream_name,))
+    return _dicts(cur)
+
+
+def _recent_activity(cur: Any) -> list[dict[str, Any]]:
+    cur.execute(_RECENT)
+    return _dicts(cur)
+
+
+def _top_errors(cur: Any, top: int) -> list[dict[str, Any]]:
+    cur.execute(_TOP_ERRORS, (top,))
+    return _dicts(cur)
+
+
+def _dicts(cur: Any) -> list[dict[str, Any]]:
+    names = [column.name for column in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur]
+
+
+def _throughput(cur: Any, stream_name: str) -> dict[str, Any]:
+    cur.execute(_THROUGHPUT, (stream_name, THROUGHPUT_MINUTES))
+    minutes = [{"minute": m, "processed": p, "errors": e} for m, p, e in cur]
+    cur.execute(_RATES, (stream_name,))
+    per_s_1m, per_s_5m = cur.fetchone()
+    return {"minutes": minutes, "per_s_1m": float(per_s_1m), "per_s_5m": float(per_s_5m)}
+
+
+# -- end of monitor queries ---------------------------------------------------------------------

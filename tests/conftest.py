@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
 import redis
+import yaml
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from ratebox import embedded, migrate
+from ratebox import config, embedded, migrate
 
 
 @dataclass(frozen=True)
@@ -122,3 +124,33 @@ def pg_schema_dsn(empty_schema_dsn: str) -> str:
     """A DSN whose search_path is a new schema with every migration applied."""
     migrate.run(empty_schema_dsn)
     return empty_schema_dsn
+
+
+@pytest.fixture
+def make_config(
+    redis_url: str, pg_schema_dsn: str, names: Names, tmp_path: Path
+) -> Callable[..., tuple[config.Settings, Path]]:
+    """Writes a ratebox.yaml for this test's servers and names; returns (settings, path).
+
+    Keyword arguments override sections, e.g. ``make_config(workers={"batch_size": 10})``.
+    """
+
+    def make(**sections: dict[str, Any]) -> tuple[config.Settings, Path]:
+        data: dict[str, Any] = {
+            "redis": {"url": redis_url},
+            "postgres": {"dsn": pg_schema_dsn, "migrate_on_start": False},
+            "stream": {"name": names.stream, "group": names.group, "dead_letter": names.dead_letter},
+            "workers": {"count": 1, "timeout_s": 10, "block_ms": 200},
+            "monitor": {"enabled": False, "metrics_listen": None},
+            "embedded": {"dir": str(tmp_path / "var")},
+        }
+        for section, values in sections.items():
+            if section == "rules":
+                data["rules"] = values
+            else:
+                data.setdefault(section, {}).update(values)
+        path = tmp_path / "ratebox.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return config.load(str(path), {}), path
+
+    return make
