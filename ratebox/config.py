@@ -157,7 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
         "workers.name_prefix",
         "worker",
         name,
-        "consumer names are <prefix>_001 ...; {hostname} is replaced",
+        "consumer names are PREFIX_001, PREFIX_002, ...; {hostname} is replaced",
     ),
     Setting(
         "workers.batch_size",
@@ -243,8 +243,13 @@ _FALSE = {"0", "false", "no", "off"}
 class Section(Mapping[str, Any]):
     """The settings of one YAML section, read-only, with attribute access."""
 
+    __slots__ = ("_values",)
+
     def __init__(self, values: Mapping[str, Any]) -> None:
-        self._values = MappingProxyType(dict(values))
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"settings are read-only: {key}")
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -419,3 +424,7 @@ def markdown_table() -> str:
             f"| `{s.path}` | `{_shown(s.default)}` | {f'`{s.env}`' if s.env else ''} | {s.help} |"
         )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
