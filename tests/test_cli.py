@@ -1,0 +1,116 @@
+"""The commands as an operator runs them: one clear line and the right exit status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay"]
+
+
+def run(command: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_DSN")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bin" / f"ratebox-{command}"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_listing_the_configuration_keys(command: str) -> None:
+    result = run(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "workers.batch_size" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("workers:\n  count: four\n", 'workers.count: must be an integer from 1 to 256, got "four"'),
+        ("workers:\n  conut: 2\n", "workers.conut: unknown key"),
+        ("rules:\n  - {field: phone, check: min_length, code: 101, message: x}\n", "rules[0].params"),
+        ("workers: [1,\n", "invalid YAML"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    for command in ("worker", "migrate", "producer"):
+        args = ["-c", str(path)] + (["info"] if command == "producer" else [])
+        result = run(command, *args)
+        assert result.returncode == 2, (command, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["produce"], ["produce", "-5"], ["produce", "ten"], ["continuous", "0"], ["bogus"], []],
+)
+def test_bad_producer_arguments_exit_2_with_one_line(args: list[str]) -> None:
+    result = run("producer", "-c", str(ROOT / "ratebox.yaml"), *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run("worker", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "configuration file not found" in result.stderr
+
+
+def test_an_unreachable_redis_exits_1_with_one_masked_line(tmp_path: Path) -> None:
+    path = tmp_path / "down.yaml"
+    path.write_text("redis:\n  url: redis://:s3cret-pw@127.0.0.1:1/0\n")
+    result = run("producer", "-c", str(path), "info")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach Redis" in lines[0], result.stderr
+    assert "s3cret-pw" not in result.stderr
+
+
+def test_migrate_twice_leaves_one_schema(make_config) -> None:
+    settings, path = make_config()
+    first = run("migrate", "-c", str(path))
+    second = run("migrate", "-c", str(path))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "applied 0 migration(s)" in second.stdout
+    with psycopg2.connect(settings.postgres.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM schema_migrations")
+        files = len(list((ROOT / "schema").glob("*.sql")))
+        assert cur.fetchone()[0] == files
+    conn.close()
+
+
+def test_producer_publishes_and_info_reports_it(make_config, redis_client, names) -> None:
+    _, path = make_config()
+    result = run("producer", "-c", str(path), "produce", "2500")
+    assert result.returncode == 0, result.stderr
+    assert redis_client.xlen(names.stream) == 2500
+    info = run("producer", "-c", str(path), "info")
+    assert f"stream {names.stream}: length 2500" in info.stdout
+
+
+def test_producer_file_publishes_one_entry_per_line(make_config, redis_client, names, tmp_path: Path) -> None:
+    _, path = make_config()
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"phone": "0912345678", "bank_account": "12345678"}\n\nnot json\n[1]\n')
+    result = run("producer", "-c", str(path), "file", str(data))
+    assert result.returncode == 0, result.stderr
+    entries = redis_client.xrange(names.stream)
+    assert [fields[b"data"] for _, fields in entries] == [
+        b'{"phone": "0912345678", "bank_account": "12345678"}',
+        b"not json",
+        b"[1]",
+    ]
