@@ -161,10 +161,11 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
         print(f"published {sent} messages to {name}")
     else:
         try:
+            # stdin must not be closed by a with block; the file is closed below
             handle = (
                 sys.stdin
                 if args.path == "-"
-                else open(args.path, encoding="utf-8", errors="replace")
+                else open(args.path, encoding="utf-8", errors="replace")  # noqa: SIM115
             )
         except OSError as exc:
             raise UsageError(
@@ -354,3 +355,57 @@ def _bound(text: str) -> str:
 
 
 # -- end of sweeper, dead letters and replay ----------------------------------------------------
+
+
+# -- monitor ------------------------------------------------------------------------------------
+
+
+@guarded
+def main_monitor(argv: Sequence[str] | None = None) -> int:
+    """One report of the stream, groups, consumers, database and processes; or a live view."""
+    p = parser("ratebox-monitor", main_monitor.__doc__ or "")
+    p.add_argument("mode", nargs="?", choices=["continuous"], help="refresh until interrupted")
+    p.add_argument("seconds", nargs="?", type=_refresh_seconds, metavar="SECONDS")
+    p.add_argument(
+        "--json", action="store_true", help="the same figures as JSON (one document a refresh)"
+    )
+    p.add_argument(
+        "--status", metavar="FILE", help="supervisor status file (default: the one it writes)"
+    )
+    args = p.parse_args(argv)
+    if args.mode == "continuous" and args.seconds is None:
+        raise UsageError(
+            "ratebox-monitor continuous: give the refresh interval in SECONDS (see --help)"
+        )
+    settings, redis_url, dsn = settings_and_servers(args, "monitor")
+    from ratebox import monitor
+
+    status = args.status or monitor.default_status_path(settings)
+    if args.mode == "continuous":
+        _proctitle("monitor")
+        return monitor.run(
+            settings, redis_url, dsn, status_path=status, refresh_s=args.seconds, as_json=args.json
+        )
+    snap = monitor.report(settings, redis_url, dsn, status)
+    if args.json:
+        import json
+
+        print(json.dumps(snap, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(monitor.render(snap))
+    down = [f"{name}: {s['error']}" for name, s in snap["servers"].items() if not s["available"]]
+    if down:
+        from ratebox.errors import ServerUnavailable
+
+        raise ServerUnavailable(f"unavailable: {'; '.join(down)}")
+    return EXIT_OK
+
+
+_refresh_seconds = _number(
+    float, lambda v: 0.1 <= v <= 3600, "a number of seconds from 0.1 to 3600"
+)
+
+
+# -- end of monitor -----------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def produce(
                 progress(len(chunk))
         return sent
     for fields in items:
-        client.xadd(name, fields)
+        client.xadd(name, fields)  # type: ignore[arg-type]
         sent += 1
         if progress:
             progress(1)

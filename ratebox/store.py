@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -151,9 +152,23 @@ class Consumer:
     started_at: datetime
 
 
-_ROW_TEMPLATE = "(%s::jsonb, %s, %s, %s, %s, %s::jsonb, now(), %s, %s, %s, %s, %s, %s, %s, %s)"
+#: Columns of the per-batch staging table, in COPY order.
+_STAGE_COLUMNS = (
+    "data, source, status, error_code, error_message, errors, stream_id, delivery_count,"
+    " batch_id, producer, produced_at, processing_ms"
+)
 
-# One statement per batch: the rows, and — counted from the rows actually inserted, so a
+# The batch arrives by COPY into a temporary table (no per-value quoting in Python, one
+# round trip for 500 rows), emptied at commit.
+_CREATE_STAGE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS ratebox_batch (
+    data jsonb, source text, status text, error_code integer, error_message text,
+    errors jsonb, stream_id text, delivery_count integer, batch_id text, producer text,
+    produced_at timestamptz, processing_ms double precision
+) ON COMMIT DELETE ROWS
+"""
+
+# Then one statement: the rows, and — counted from the rows actually inserted, so a
 # redelivered entry changes nothing — the consumer's totals, the minute's metrics and the
 # minute's error counts. Data-modifying CTEs all run, in one round trip.
 _WRITE_BATCH = """
@@ -161,7 +176,9 @@ WITH ins AS (
     INSERT INTO raw_items (data, source, status, error_code, error_message, errors, processed_at,
                            stream_name, stream_id, consumer_name, delivery_count, batch_id,
                            producer, produced_at, processing_ms)
-    VALUES %s
+    SELECT data, source, status, error_code, error_message, errors, now(), %(stream)s,
+           stream_id, %(consumer)s, delivery_count, batch_id, producer, produced_at, processing_ms
+    FROM ratebox_batch
     ON CONFLICT (stream_name, stream_id) DO NOTHING
     RETURNING status, error_code, errors, processing_ms
 ), totals AS (
@@ -208,6 +225,9 @@ WITH ins AS (
 SELECT processed FROM totals
 """
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+NULL = "\\N"
+
 
 def _dumps(value: Any) -> str:
     try:
@@ -216,26 +236,31 @@ def _dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
 
-def _values(consumer: Consumer, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            _dumps(r.data),
-            r.source,
-            r.status,
-            r.error_code,
-            r.error_message,
-            _dumps(r.errors),
-            consumer.stream,
-            r.stream_id,
-            consumer.name,
-            r.delivery_count,
-            r.batch_id,
-            r.producer,
-            r.produced_at,
-            r.processing_ms,
-        )
+def _json(value: Any) -> str:
+    text = _dumps(value)
+    # JSON text has no raw tab or newline; only its backslashes need doubling for COPY.
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return NULL
+    # Most values need no escaping; four substring tests are cheaper than translate().
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def _copy_lines(rows: Sequence[Row]) -> str:
+    """The rows as COPY text: tab-separated, \\N for NULL, one line each."""
+    return "".join(
+        f"{_json(r.data)}\t{_text(r.source)}\t{r.status}\t"
+        f"{NULL if r.error_code is None else r.error_code}\t{_text(r.error_message)}\t"
+        f"{_json(r.errors)}\t{_text(r.stream_id)}\t{r.delivery_count}\t{_text(r.batch_id)}\t"
+        f"{_text(r.producer)}\t{NULL if r.produced_at is None else r.produced_at.isoformat()}\t"
+        f"{r.processing_ms!r}\n"
         for r in rows
-    ]
+    )
 
 
 def _insert(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
@@ -248,18 +273,14 @@ def _insert(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         "started_at": consumer.started_at,
     }
     with conn.cursor() as cur:
-        # execute_values fills "VALUES %s"; the named parameters are bound first by mogrify.
-        sql = cur.mogrify(_WRITE_BATCH.replace("VALUES %s", "VALUES __ROWS__"), params).decode()
-        result = execute_values(
-            cur,
-            sql.replace("VALUES __ROWS__", "VALUES %s"),
-            _values(consumer, rows),
-            template=_ROW_TEMPLATE,
-            page_size=len(rows),
-            fetch=True,
+        cur.execute(_CREATE_STAGE)
+        cur.copy_expert(
+            f"COPY ratebox_batch ({_STAGE_COLUMNS}) FROM STDIN", io.StringIO(_copy_lines(rows))
         )
+        cur.execute(_WRITE_BATCH, params)
+        result = cur.fetchone()
     conn.commit()
-    return int(result[0][0]) if result else 0
+    return int(result[0]) if result else 0
 
 
 class SchemaMissing(RateboxError):
@@ -428,8 +449,9 @@ SELECT coalesce(sum(processed), 0)::bigint,
        coalesce(sum(dead_lettered), 0)::bigint
 FROM stream_consumer_stats WHERE stream_name = %s
 """
-# Index-only scan of raw_items_pending_idx (002): pending rows are few.
-_PENDING = "SELECT count(*) FROM raw_items WHERE status = 'pending' AND stream_name = %s"
+# Index-only scan of raw_items_pending_idx (002), which is small because pending rows are few.
+# Not filtered by stream: that would need the heap; a schema serves one stream in practice.
+_PENDING = "SELECT count(*) FROM raw_items WHERE status = 'pending'"
 # The planner's row count, refreshed by (auto)vacuum and analyze: an estimate, said so.
 _ROWS_ESTIMATE = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('raw_items')"
 
@@ -503,7 +525,7 @@ def monitor_figures(conn: Any, stream_name: str, top: int = 10) -> dict[str, Any
 def _status_totals(cur: Any, stream_name: str) -> dict[str, int]:
     cur.execute(_TOTALS, (stream_name,))
     processed, errors, dead = cur.fetchone()
-    cur.execute(_PENDING, (stream_name,))
+    cur.execute(_PENDING)
     (pending,) = cur.fetchone()
     return {
         "done": processed - errors,

@@ -31,14 +31,17 @@ def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
         socket_connect_timeout=5,
         # A blocked XREADGROUP must not look like a dead socket.
         socket_timeout=block_ms / 1000 + 10,
-        socket_keepalive=True,
+        # TCP only: redis-py's unix socket connection refuses the keyword.
+        **({} if url.startswith("unix://") else {"socket_keepalive": True}),
         health_check_interval=30,
     )
     if check:
         try:
             client.ping()
         except OUTAGE_ERRORS as exc:
-            raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None
+            raise ServerUnavailable(
+                f"cannot reach Redis at {mask_url(url)}: {reason(exc)}"
+            ) from None
     return client
 
 
@@ -92,10 +95,18 @@ def read(
 
 
 def delivery_counts(
-    client: redis.Redis, stream: str, group: str, first: str, last: str, count: int, consumer: str | None = None
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    first: str,
+    last: str,
+    count: int,
+    consumer: str | None = None,
 ) -> dict[str, int]:
     """Times delivered for pending entries between two IDs (XPENDING extended form)."""
-    rows = client.xpending_range(stream, group, min=first, max=last, count=count, consumername=consumer)
+    rows = client.xpending_range(
+        stream, group, min=first, max=last, count=count, consumername=consumer
+    )
     return {_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
 
@@ -130,7 +141,7 @@ def claim(
     """XCLAIM entries still idle for ``min_idle_ms`` to ``consumer`` (counts a delivery)."""
     if not ids:
         return []
-    reply = client.xclaim(stream, group, consumer, min_idle_ms, list(ids))
+    reply: Any = client.xclaim(stream, group, consumer, min_idle_ms, list(ids))
     return [(_id(entry_id), fields or {}) for entry_id, fields in reply]
 
 
@@ -140,13 +151,15 @@ def touch(client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequ
         client.xclaim(stream, group, consumer, 0, list(ids), justid=True)
 
 
-def publish(client: redis.Redis, stream: str, messages: Iterable[Mapping[str, Any]], chunk: int = 1000) -> list[str]:
+def publish(
+    client: redis.Redis, stream: str, messages: Iterable[Mapping[str, Any]], chunk: int = 1000
+) -> list[str]:
     """XADD many entries, pipelined ``chunk`` per round trip; returns their IDs."""
     ids: list[str] = []
     pipe = client.pipeline(transaction=False)
     pending = 0
     for fields in messages:
-        pipe.xadd(stream, dict(fields))
+        pipe.xadd(stream, dict(fields))  # type: ignore[arg-type]
         pending += 1
         if pending >= chunk:
             ids.extend(_id(i) for i in pipe.execute())
@@ -248,8 +261,9 @@ def group_lag(
     lag = group.get("lag")
     if lag is not None:
         return int(lag), "read"
+    # Redis 7 answers a nil lag when deletions make entries-read unreliable: count instead.
     added, read_ = info.get("entries-added"), group.get("entries-read")
-    if added is not None and read_ is not None:
+    if "lag" not in group and added is not None and read_ is not None:
         return max(int(added) - int(read_), 0), "read"
     size = int(info.get("length", 0))
     first, last = info.get("first-entry"), info.get("last-entry")
@@ -268,6 +282,9 @@ def group_lag(
     span = max(_key(last_id)[0] - _key(first_id)[0], 1)
     share = (_key(last_id)[0] - _key(delivered)[0]) / span
     return max(int(size * share), counted), "estimate"
+
+
+# -- end of monitor ---------------------------------------------------------------------------
 
 
 # -- sweeper, dead letters and replay ---------------------------------------------------------
@@ -367,7 +384,7 @@ def claim_one(
     client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, entry_id: str
 ) -> tuple[str, Entry | None]:
     """XCLAIM one entry still idle ``min_idle_ms`` (counts a delivery): CLAIMED, GONE or TAKEN."""
-    reply = client.xclaim(stream, group, consumer, min_idle_ms, [entry_id])
+    reply: Any = client.xclaim(stream, group, consumer, min_idle_ms, [entry_id])
     if reply:
         claimed_id, fields = reply[0]
         # Redis 6.2 claims a deleted entry and answers nil for it: the caller must ack it.
@@ -400,10 +417,8 @@ def entries_between(
     client: redis.Redis, stream: str, start: str, end: str, count: int
 ) -> list[Entry]:
     """XRANGE from ``start`` to ``end`` (``(`` before an ID excludes it), at most ``count``."""
-    return [
-        (_id(entry_id), fields or {})
-        for entry_id, fields in client.xrange(stream, start, end, count=count)
-    ]
+    reply: Any = client.xrange(stream, start, end, count=count)
+    return [(_id(entry_id), fields or {}) for entry_id, fields in reply or []]
 
 
 def replay_entry(
@@ -454,7 +469,8 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2]
 if #pending > 0 then
   return {0, #pending}
 end
-return {redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]), 0}
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return {1, 0}
 """
 
 

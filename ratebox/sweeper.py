@@ -19,7 +19,7 @@ from typing import Any
 
 from ratebox import store, stream
 from ratebox.config import Settings
-from ratebox.errors import EXIT_OK
+from ratebox.errors import EXIT_OK, ServerUnavailable
 from ratebox.pipeline import OUTAGE_ERRORS, Outage, Pipeline, sleep
 from ratebox.rules import Engine, compile_rules
 from ratebox.stream import Entry
@@ -31,6 +31,9 @@ NAME = "sweeper"
 #: Idle entries looked at per sweep: a sweep ends, and trimming, ghost removal and the
 #: heartbeat come around, even behind a backlog of millions.
 MAX_PER_SWEEP = 1000
+#: A server that cannot be reached: store.connect reports a refused connection as
+#: ServerUnavailable, which is as much an outage as a connection lost later.
+OUTAGES: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, ServerUnavailable)
 #: Exit status of a sweeper stopped at once by a second signal (its entry in hand stays pending).
 EXIT_INTERRUPTED = 130
 
@@ -121,7 +124,7 @@ class Sweeper:
             try:
                 self.loop()
                 self.outage.recovered()
-            except OUTAGE_ERRORS as exc:
+            except OUTAGES as exc:
                 self.pipeline.reset()
                 sleep(self.outage.failed(exc), self._keep_going, self.beat)
                 continue
@@ -234,7 +237,7 @@ class Sweeper:
             try:
                 self.pipeline.process([entry], {entry[0]: deliveries})
                 sweep.processed += 1
-            except OUTAGE_ERRORS:
+            except OUTAGES:
                 raise
             except Exception:
                 # Only this entry is at fault (one at a time): it stays pending to the sweeper,
@@ -266,9 +269,11 @@ class Sweeper:
         removed: list[str] = []
         for consumer in stream.consumers(self.pipeline.redis, s.stream.name, s.stream.group):
             name = _text(consumer["name"])
-            # A live worker's idle time resets on every read (at most block_ms apart), so a
-            # long idle time is the sign of a name no process uses any more. Names that are
-            # not ours belong to someone else's tooling and are left alone.
+            # A live worker's idle time resets on every read (from Redis 7.2; before, on every
+            # read that returns entries), so a long idle time is the sign of a name no process
+            # uses any more. Removing a live but starved one is harmless: it holds nothing (that
+            # is checked atomically) and its next read creates it again. Names that are not
+            # ours belong to someone else's tooling and are left alone.
             if (
                 not self._ours.match(name)
                 or int(consumer["pending"])

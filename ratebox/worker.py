@@ -34,8 +34,9 @@ class Batch:
 
     entries: list[Entry]
     deliveries: dict[str, int] = field(default_factory=dict)
-    #: Redelivered entries are processed one by one, so a poison pill takes down only itself.
-    one_by_one: bool = False
+    #: Redelivered entries are processed in growing chunks from one, so a poison pill at the
+    #: head of the list takes down only itself.
+    suspect: bool = False
 
 
 class Worker:
@@ -153,11 +154,15 @@ class Worker:
         if self.batch is None:
             self.batch = self._next_batch()
         batch = self.batch
-        if batch.one_by_one:
+        if batch.suspect:
+            # Growing chunks (1, 2, 4, ...): a poison pill at the head is tried alone, and a
+            # page of innocent redeliveries still commits in a handful of transactions.
+            size = 1
             while batch.entries:
-                self.pipeline.process(batch.entries[:1], batch.deliveries)
-                batch.entries.pop(0)
-                self.processed += 1
+                self.pipeline.process(batch.entries[:size], batch.deliveries)
+                self.processed += len(batch.entries[:size])
+                del batch.entries[:size]
+                size *= 2
                 self.beat()
             handled = 0
         else:
@@ -182,7 +187,7 @@ class Worker:
                 self.cursor,
             )
             if entries:
-                batch = self._own_pending(entries)
+                batch = self._own_pending(entries, head=self.cursor == "0")
                 self.cursor = entries[-1][0]  # only once the whole page is dealt with
                 return batch
             self.cursor = None
@@ -197,8 +202,13 @@ class Worker:
         )
         return Batch(entries)
 
-    def _own_pending(self, entries: list[Entry]) -> Batch:
-        """Entries this name held when it last stopped: drop the gone, dead-letter the hopeless."""
+    def _own_pending(self, entries: list[Entry], head: bool) -> Batch:
+        """Entries this name held when it last stopped: drop the gone, dead-letter the hopeless.
+
+        Only the head of the pending list can be hopeless: it is the one tried alone first
+        after every restart, so its delivery count counts its own failures. Entries behind it
+        were merely waiting when the process died, and their counts prove nothing.
+        """
         s = self.settings
         counts = stream.delivery_counts(
             self.pipeline.redis,
@@ -211,16 +221,13 @@ class Worker:
         )
         gone = [entry_id for entry_id, fields in entries if not fields]
         self.pipeline.forget(gone)
-        keep: list[Entry] = []
-        for entry in entries:
-            deliveries = counts.get(entry[0], 1)
-            if not entry[1]:
-                continue
-            if deliveries > s.workers.max_retries:
-                self.pipeline.dead_letter(entry, deliveries, "processing failed on every delivery")
-            else:
-                keep.append(entry)
-        return Batch(keep, counts, one_by_one=any(counts.get(e[0], 1) > 1 for e in keep))
+        keep = [entry for entry in entries if entry[1]]
+        if head and keep and counts.get(keep[0][0], 1) > s.workers.max_retries:
+            first = keep.pop(0)
+            self.pipeline.dead_letter(
+                first, counts[first[0]], "processing failed on every delivery"
+            )
+        return Batch(keep, counts, suspect=any(counts.get(e[0], 1) > 1 for e in keep))
 
 
 def run(settings: Settings, name: str, redis_url: str, dsn: str, **kwargs: object) -> int:

@@ -139,7 +139,11 @@ def make_config(
         data: dict[str, Any] = {
             "redis": {"url": redis_url},
             "postgres": {"dsn": pg_schema_dsn, "migrate_on_start": False},
-            "stream": {"name": names.stream, "group": names.group, "dead_letter": names.dead_letter},
+            "stream": {
+                "name": names.stream,
+                "group": names.group,
+                "dead_letter": names.dead_letter,
+            },
             "workers": {"count": 1, "timeout_s": 10, "block_ms": 200},
             "monitor": {"enabled": False, "metrics_listen": None},
             "embedded": {"dir": str(tmp_path / "var")},

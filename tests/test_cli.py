@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay"]
 
 
-def run(command: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    command: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_DSN")}
     return subprocess.run(
         [sys.executable, str(ROOT / "bin" / f"ratebox-{command}"), *args],
@@ -36,13 +38,21 @@ def test_every_command_has_help_listing_the_configuration_keys(command: str) -> 
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
-        ("workers:\n  count: four\n", 'workers.count: must be an integer from 1 to 256, got "four"'),
+        (
+            "workers:\n  count: four\n",
+            'workers.count: must be an integer from 1 to 256, got "four"',
+        ),
         ("workers:\n  conut: 2\n", "workers.conut: unknown key"),
-        ("rules:\n  - {field: phone, check: min_length, code: 101, message: x}\n", "rules[0].params"),
+        (
+            "rules:\n  - {field: phone, check: min_length, code: 101, message: x}\n",
+            "rules[0].params",
+        ),
         ("workers: [1,\n", "invalid YAML"),
     ],
 )
-def test_bad_configuration_exits_2_with_one_line(tmp_path: Path, yaml_text: str, expected: str) -> None:
+def test_bad_configuration_exits_2_with_one_line(
+    tmp_path: Path, yaml_text: str, expected: str
+) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     for command in ("worker", "migrate", "producer"):
@@ -102,7 +112,9 @@ def test_producer_publishes_and_info_reports_it(make_config, redis_client, names
     assert f"stream {names.stream}: length 2500" in info.stdout
 
 
-def test_producer_file_publishes_one_entry_per_line(make_config, redis_client, names, tmp_path: Path) -> None:
+def test_producer_file_publishes_one_entry_per_line(
+    make_config, redis_client, names, tmp_path: Path
+) -> None:
     _, path = make_config()
     data = tmp_path / "items.jsonl"
     data.write_text('{"phone": "0912345678", "bank_account": "12345678"}\n\nnot json\n[1]\n')

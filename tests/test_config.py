@@ -39,7 +39,10 @@ def test_every_key_has_a_default_that_validates() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("workers:\n  count: four\n", 'workers.count: must be an integer from 1 to 256, got "four"'),
+        (
+            "workers:\n  count: four\n",
+            'workers.count: must be an integer from 1 to 256, got "four"',
+        ),
         ("workers:\n  count: 0\n", "workers.count: must be an integer from 1 to 256, got 0"),
         ("workers:\n  count: true\n", "workers.count: must be an integer from 1 to 256, got True"),
         ("workers:\n  cuont: 2\n", "workers.cuont: unknown key"),
@@ -49,8 +52,14 @@ def test_every_key_has_a_default_that_validates() -> None:
         ("redis:\n  url: http://x\n", "redis.url: must be"),
         ("workers: 3\n", "workers: must be a mapping of keys"),
         ("- a\n- b\n", "configuration: must be a mapping of keys"),
-        ("workers:\n  block_ms: 40000\n  timeout_s: 60\n", "workers.block_ms: must be at most half of workers.timeout_s"),
-        ("rules:\n  - {field: phone, check: nope, code: 150, message: x}\n", "rules[0].check: unknown check 'nope'"),
+        (
+            "workers:\n  block_ms: 40000\n  timeout_s: 60\n",
+            "workers.block_ms: must be at most half of workers.timeout_s",
+        ),
+        (
+            "rules:\n  - {field: phone, check: nope, code: 150, message: x}\n",
+            "rules[0].check: unknown check 'nope'",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_with_its_key_path(tmp_path: Path, text: str, message: str) -> None:
@@ -91,7 +100,10 @@ def test_the_environment_overrides_the_file_with_the_operators_names(tmp_path: P
 
 
 def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r'BATCH_SIZE \(workers.batch_size\): must be an integer from 1 to 10000, got "lots"'):
+    with pytest.raises(
+        ConfigError,
+        match=r'BATCH_SIZE \(workers.batch_size\): must be an integer from 1 to 10000, got "lots"',
+    ):
         load(tmp_path, "", {"BATCH_SIZE": "lots"})
 
 
@@ -122,7 +134,12 @@ def test_the_readme_shows_the_current_table() -> None:
     assert config.markdown_table() in readme, "run: python -m ratebox.config > table and paste it"
 
 
-@given(st.dictionaries(st.sampled_from([s.path for s in config.SETTINGS]), st.none() | st.integers() | st.text() | st.booleans()))
+@given(
+    st.dictionaries(
+        st.sampled_from([s.path for s in config.SETTINGS]),
+        st.none() | st.integers() | st.text() | st.booleans(),
+    )
+)
 def test_loading_any_values_either_validates_or_names_a_key(values: dict[str, object]) -> None:
     data: dict[str, dict[str, object]] = {}
     for path, value in values.items():

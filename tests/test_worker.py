@@ -94,7 +94,9 @@ def test_every_message_gets_the_verdict_the_rules_give(make_config, redis_client
     assert pending(redis_client, names.stream, names.group) == 0
 
 
-def test_stats_count_each_message_once_even_when_redelivered(make_config, redis_client, names) -> None:
+def test_stats_count_each_message_once_even_when_redelivered(
+    make_config, redis_client, names
+) -> None:
     settings, _ = make_config()
     producer.produce(redis_client, names.stream, 50)
     worker = Worker(settings, "worker_001", settings.redis.url, settings.postgres.dsn)
@@ -103,7 +105,9 @@ def test_stats_count_each_message_once_even_when_redelivered(make_config, redis_
     worker.pipeline.process(entries)
     worker.pipeline.process(entries)  # a redelivery after a crash between commit and ack
     with closing(psycopg2.connect(settings.postgres.dsn)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT processed FROM stream_consumer_stats WHERE consumer_name = 'worker_001'")
+        cur.execute(
+            "SELECT processed FROM stream_consumer_stats WHERE consumer_name = 'worker_001'"
+        )
         assert cur.fetchone()[0] == 50
         cur.execute("SELECT sum(processed) FROM stream_processing_metrics")
         assert cur.fetchone()[0] == 50
@@ -117,15 +121,25 @@ BAD_INPUT: list[tuple[str, dict[bytes, bytes], int | None]] = [
     ("invalid utf-8", {b"data": b'{"phone": "\xff\xfe"}'}, 900),
     ("a 1 MB payload", {b"data": b'{"x": "' + b"a" * 1_000_000 + b'"}'}, 902),
     ("10,000-deep nesting", {b"data": b"[" * 10_000 + b"]" * 10_000}, 900),
-    ("a NUL inside a string", {b"data": b'{"phone": "0123456789", "bank_account": "12345678", "name": "A\\u0000B"}'}, None),
+    (
+        "a NUL inside a string",
+        {b"data": b'{"phone": "0123456789", "bank_account": "12345678", "name": "A\\u0000B"}'},
+        None,
+    ),
     ("an object as phone", {b"data": b'{"phone": {"a": 1}, "bank_account": "12345678"}'}, 100),
     ("a list as bank account", {b"data": b'{"phone": "0123456789", "bank_account": [1]}'}, 200),
     ("null phone", {b"data": b'{"phone": null, "bank_account": "12345678"}'}, 100),
-    ("a boolean name", {b"data": b'{"phone": "0123456789", "bank_account": "12345678", "name": true}'}, 400),
+    (
+        "a boolean name",
+        {b"data": b'{"phone": "0123456789", "bank_account": "12345678", "name": true}'},
+        400,
+    ),
 ]
 
 
-def test_bad_input_gets_its_own_row_and_the_stream_goes_on(make_config, redis_client, names) -> None:
+def test_bad_input_gets_its_own_row_and_the_stream_goes_on(
+    make_config, redis_client, names
+) -> None:
     settings, _ = make_config(workers={"batch_size": 7})
     good = {b"data": orjson.dumps({"phone": "0912345678", "bank_account": "123456789"})}
     ids = {}
@@ -140,7 +154,9 @@ def test_bad_input_gets_its_own_row_and_the_stream_goes_on(make_config, redis_cl
     assert len(got) == total
     for label, (entry_id, code) in ids.items():
         assert got[entry_id][1] == code, label
-    assert sum(1 for r in got.values() if r[0] == "done") == len(BAD_INPUT) + 2  # goods + the NUL one
+    assert (
+        sum(1 for r in got.values() if r[0] == "done") == len(BAD_INPUT) + 2
+    )  # goods + the NUL one
     nul_id = ids["a NUL inside a string"][0]
     assert got[nul_id][3]["name"] == "A\ufffdB"
     assert pending(redis_client, names.stream, names.group) == 0
@@ -224,9 +240,11 @@ def own_postgres(tmp_path_factory: pytest.TempPathFactory):
     embedded.stop_postgres(var)
 
 
-def test_postgres_down_mid_run_is_waited_out(make_config, redis_client, names, own_postgres) -> None:
+def test_postgres_down_mid_run_is_waited_out(
+    make_config, redis_client, names, own_postgres
+) -> None:
     var, dsn = own_postgres
-    settings, path = make_config(postgres={"dsn": dsn}, workers={"batch_size": 100})
+    _, path = make_config(postgres={"dsn": dsn}, workers={"batch_size": 100})
     producer.produce(redis_client, names.stream, 2000)
     proc = start_worker(path)
     try:

@@ -1,0 +1,282 @@
+"""A real supervisor in its own session, receiving real signals; checked with psutil and Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg2
+import pytest
+import redis
+import yaml
+from conftest import Names
+
+from ratebox import stream
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Variables that would override the test's YAML, or make the supervisor talk to systemd.
+SCRUBBED = (
+    "REDIS_URL",
+    "POSTGRES_DSN",
+    "REDIS_STREAM",
+    "CONSUMER_GROUP",
+    "BATCH_SIZE",
+    "BLOCK_TIME",
+    "MAX_RETRIES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class Running:
+    """A ratebox-supervisor subprocess and what can be seen of it from outside."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bin" / "ratebox-supervisor"), "-c", str(config_path)],
+            cwd=config_path.parent,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def titles(self) -> dict[str, int]:
+        """Process title -> pid of the supervisor's living children."""
+        out: dict[str, int] = {}
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return out
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    out[" ".join(child.cmdline()).strip()] = child.pid
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def wait_titles(self, expected: set[str], timeout: float = 15.0) -> dict[str, int]:
+        return wait_for(
+            f"children {sorted(expected)}",
+            lambda: (t := self.titles()) and set(t) == expected and t,
+            timeout,
+        )
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Leave nothing behind, whatever the test did."""
+        pids = list(self.titles().values())
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+def titles(*workers: int, sweeper: bool = True) -> set[str]:
+    names = {f"ratebox: worker worker_{i:03d}" for i in workers}
+    return names | ({"ratebox: sweeper"} if sweeper else set())
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, redis_url: str, pg_schema_dsn: str, names: Names) -> Path:
+    path = tmp_path / "ratebox.yaml"
+    write_config(path, redis_url, pg_schema_dsn, names, count=2)
+    return path
+
+
+def write_config(path: Path, redis_url: str, dsn: str, names: Names, count: int) -> None:
+    document = {
+        "redis": {"url": redis_url},
+        "postgres": {"dsn": dsn, "migrate_on_start": False},
+        "stream": {"name": names.stream, "group": names.group, "dead_letter": names.dead_letter},
+        "workers": {"count": count, "block_ms": 200, "timeout_s": 10, "shutdown_timeout_s": 5},
+        "sweeper": {"interval_s": 1},
+        "monitor": {"enabled": False, "metrics_listen": None},
+        "embedded": {"dir": str(path.parent / "var")},
+    }
+    path.write_text(yaml.safe_dump(document))
+
+
+@pytest.fixture
+def start(
+    config_path: Path, tmp_path: Path, redis_client: redis.Redis
+) -> Iterator[Callable[[], Running]]:
+    started: list[Running] = []
+
+    def launch() -> Running:
+        running = Running(config_path, tmp_path / f"supervisor-{len(started)}.log")
+        started.append(running)
+        return running
+
+    yield launch
+    for running in started:
+        running.stop()
+
+
+class TestRestarts:
+    def test_a_worker_killed_with_sigkill_comes_back_under_its_name_and_work_goes_on(
+        self,
+        start: Callable[[], Running],
+        redis_client: redis.Redis,
+        names: Names,
+        pg_schema_dsn: str,
+    ) -> None:
+        sup = start()
+        before = sup.wait_titles(titles(1, 2))
+        os.kill(before["ratebox: worker worker_001"], signal.SIGKILL)
+        after = wait_for(
+            "a new worker_001",
+            lambda: (
+                (t := sup.titles()).get("ratebox: worker worker_001")
+                not in (None, before["ratebox: worker worker_001"])
+                and t
+            ),
+        )
+        assert after["ratebox: worker worker_002"] == before["ratebox: worker worker_002"]
+        assert "worker_001 (pid" in sup.text() and "was killed by SIGKILL" in sup.text()
+        stream.publish(redis_client, names.stream, [{"data": '{"phone": "0123456789"}'}] * 5)
+        wait_for("5 verdicts in PostgreSQL", lambda: _rows(pg_schema_dsn, names) == 5)
+
+
+def _rows(dsn: str, names: Names) -> int:
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM raw_items WHERE stream_name = %s", (names.stream,))
+        return int(cur.fetchone()[0])
+
+
+class TestScaling:
+    def test_hup_rescales_from_the_file_and_ttin_ttou_add_and_remove_one_worker(
+        self,
+        start: Callable[[], Running],
+        config_path: Path,
+        redis_url: str,
+        pg_schema_dsn: str,
+        names: Names,
+        redis_client: redis.Redis,
+    ) -> None:
+        sup = start()
+        sup.wait_titles(titles(1, 2))
+        write_config(config_path, redis_url, pg_schema_dsn, names, count=3)
+        sup.signal(signal.SIGHUP)
+        sup.wait_titles(titles(1, 2, 3))
+        wait_for("worker_003 in the group", lambda: "worker_003" in _consumers(redis_client, names))
+
+        sup.signal(signal.SIGTTOU)
+        sup.wait_titles(titles(1, 2))
+        wait_for(
+            "worker_003 deleted from the group",
+            lambda: "worker_003" not in _consumers(redis_client, names),
+        )
+        assert "scaled to 2 workers" in sup.text()
+        assert "deleted consumer worker_003" in sup.text()
+
+        sup.signal(signal.SIGTTIN)
+        sup.wait_titles(titles(1, 2, 3))
+
+        config_path.write_text("workers: {count: many}\n")
+        sup.signal(signal.SIGHUP)
+        wait_for("the refusal", lambda: "reload refused: workers.count" in sup.text())
+        assert set(sup.titles()) == titles(1, 2, 3)
+
+
+def _consumers(client: redis.Redis, names: Names) -> set[str]:
+    return {c["name"].decode() for c in stream.consumers(client, names.stream, names.group)}
+
+
+class TestStopping:
+    def test_term_stops_every_child_and_exits_0_and_a_second_supervisor_was_refused(
+        self, start: Callable[[], Running], names: Names
+    ) -> None:
+        first = start()
+        children = first.wait_titles(titles(1, 2))
+
+        second = start()
+        assert second.proc.wait(15) == 1
+        assert (
+            f"runs consumers worker_* of group {names.group} on stream {names.stream}"
+            in second.text()
+        )
+        assert first.titles() == children
+
+        first.signal(signal.SIGTERM)
+        assert first.proc.wait(10) == 0
+        assert all(gone(pid) for pid in children.values())
+
+    def test_children_exit_when_the_supervisor_is_killed(
+        self, start: Callable[[], Running]
+    ) -> None:
+        sup = start()
+        children = sup.wait_titles(titles(1, 2))
+        sup.proc.kill()
+        sup.proc.wait(5)
+        wait_for("every child to exit", lambda: all(gone(pid) for pid in children.values()), 10)
+
+
+class TestLeaseAndConsumersInRedis:
+    def test_the_lease_is_held_refreshed_and_released_by_its_holder_only(
+        self, redis_client: redis.Redis, names: Names
+    ) -> None:
+        key = f"ratebox:lease:{names.stream}"
+        assert stream.take_lease(redis_client, key, "a:1:x", 15_000) is None
+        assert stream.take_lease(redis_client, key, "b:2:y", 15_000) == "a:1:x"
+        assert stream.refresh_lease(redis_client, key, "b:2:y", 15_000) is False
+        assert stream.refresh_lease(redis_client, key, "a:1:x", 15_000) is True
+        assert stream.release_lease(redis_client, key, "b:2:y") is False
+        assert stream.release_lease(redis_client, key, "a:1:x") is True
+        assert stream.take_lease(redis_client, key, "b:2:y", 15_000) is None
+
+    def test_a_consumer_is_deleted_only_when_it_holds_nothing(
+        self, redis_client: redis.Redis, names: Names
+    ) -> None:
+        stream.ensure_group(redis_client, names.stream, names.group)
+        stream.publish(redis_client, names.stream, [{"data": "{}"}])
+        stream.read(redis_client, names.stream, names.group, "worker_009", 10)
+        stream.read(redis_client, names.stream, names.group, "worker_008", 10)
+        assert stream.delete_consumer_if_idle(
+            redis_client, names.stream, names.group, "worker_009"
+        ) == (False, 1)
+        assert stream.delete_consumer_if_idle(
+            redis_client, names.stream, names.group, "worker_008"
+        ) == (True, 0)
+        assert _consumers(redis_client, names) == {"worker_009"}
