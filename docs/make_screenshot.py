@@ -10,6 +10,7 @@ renders one snapshot with the supervisor's status file and exports it with Rich.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.screen import Screen  # noqa: E402
 
 from ratebox import config, embedded, migrate, monitor, producer, store, stream  # noqa: E402
 
@@ -61,22 +63,15 @@ def load(client: object, name: str) -> None:
 
 
 def save(snap: dict, width: int, height: int | None, target: Path) -> None:
-    console = Console(width=width, height=height or 200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    console.print(monitor.render(snap, screen=height is not None), crop=True)
-    if height is not None:
-        # Exactly one screenful, as the live view shows it.
-        console._record_buffer[:] = _first_lines(console._record_buffer, height)
+    """An SVG of the printed report (no height) or of one live screen (width x height)."""
+    with open(os.devnull, "w") as devnull:
+        console = Console(width=width, height=height or 25, record=True, file=devnull)
+        if height is None:
+            console.print(monitor.render(snap))
+        else:
+            # Exactly one screenful, as the live view shows it.
+            console.print(Screen(monitor.render(snap, screen=True)))
     console.save_svg(str(target), title=f"ratebox-monitor ({width}x{height or 'report'})")
-
-
-def _first_lines(segments: list, count: int) -> list:
-    kept, lines = [], 0
-    for segment in segments:
-        if lines >= count:
-            break
-        kept.append(segment)
-        lines += segment.text.count("\n")
-    return kept
 
 
 def main() -> int:

@@ -341,7 +341,7 @@ def _full(snap: Snapshot, wide: bool) -> RenderableType:
 
 def _compact(snap: Snapshot) -> RenderableType:
     st = snap["stream"]
-    lines = [_header(snap)]
+    lines: list[RenderableType] = [_header(snap)]
     if st is None:
         lines.append(Text.assemble(("Stream ", "bold"), _unavailable(snap, "redis")))
     else:
@@ -363,7 +363,7 @@ def _compact(snap: Snapshot) -> RenderableType:
                 lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
                 text.append(
                     f"{g['name']}  {g['consumers']} consumers · pending {_num(g['pending'])}"
-                    f" · lag {lag} · last delivered {_clock(g['last_delivered'])}"
+                    f" · lag {lag} · last {_clock(g['last_delivered'])}"
                 )
             lines.append(text)
     lines.append(_titled("Consumers", _merged_consumers(snap)))

@@ -10,6 +10,7 @@ exit reasons, server errors) is masked here, before anything shows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ def collect(
         if pg_conn is None:
             raise ConnectionError(pg_error or "not connected")
         figures = store.monitor_figures(pg_conn, settings.stream.name, TOP_ERRORS)
-        _add_database(snap, figures)
+        snap.update(_database_sections(figures))
         snap["servers"]["postgres"] = {"available": True, "error": None}
     except Exception as exc:
         snap["servers"]["postgres"] = {"available": False, "error": _reason(exc)}
@@ -210,28 +211,31 @@ def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, l
     return figures, groups
 
 
-def _add_database(snap: Snapshot, figures: Mapping[str, Any]) -> None:
+def _database_sections(figures: Mapping[str, Any]) -> Snapshot:
+    """The database sections of a snapshot, with times as text and samples masked."""
     now: datetime = figures["now"]
-    snap["database"] = {
-        "totals": figures["totals"],
-        "processed": figures["totals"]["processed"],
-        "rows_estimate": figures["rows_estimate"],
-    }
-    snap["consumer_performance"] = [
-        {
-            **{k: v for k, v in c.items() if k not in ("last_active", "started_at")},
-            "last_active": _iso(c["last_active"]),
-            "last_active_s": _age(now, c["last_active"]),
-            "started_at": _iso(c["started_at"]),
-        }
-        for c in figures["consumers"]
-    ]
-    snap["recent_activity"] = figures["recent"]
-    snap["top_errors"] = [{**e, "sample": _safe(e["sample"])} for e in figures["top_errors"]]
     throughput = figures["throughput"]
-    snap["throughput"] = {
-        **throughput,
-        "minutes": [{**m, "minute": _iso(m["minute"])} for m in throughput["minutes"]],
+    return {
+        "database": {
+            "totals": figures["totals"],
+            "processed": figures["totals"]["processed"],
+            "rows_estimate": figures["rows_estimate"],
+        },
+        "consumer_performance": [
+            {
+                **{k: v for k, v in c.items() if k not in ("last_active", "started_at")},
+                "last_active": _iso(c["last_active"]),
+                "last_active_s": _age(now, c["last_active"]),
+                "started_at": _iso(c["started_at"]),
+            }
+            for c in figures["consumers"]
+        ],
+        "recent_activity": figures["recent"],
+        "top_errors": [{**e, "sample": _safe(e["sample"])} for e in figures["top_errors"]],
+        "throughput": {
+            **throughput,
+            "minutes": [{**m, "minute": _iso(m["minute"])} for m in throughput["minutes"]],
+        },
     }
 
 
@@ -239,7 +243,7 @@ def _processes(path: str, sampler: ProcessSampler) -> Snapshot:
     try:
         with open(path, encoding="utf-8") as handle:
             status = json.load(handle)
-        children = list(status.get("children") or [])
+        children = [c for c in status.get("children") or [] if isinstance(c, dict)]
     except FileNotFoundError:
         return {"available": False, "error": f"no supervisor status file at {path}"}
     except (OSError, ValueError, AttributeError, TypeError) as exc:
@@ -375,6 +379,10 @@ class Monitor:
             self._screen.start()
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            # A second signal while a refresh hangs on a dead server: the monitor holds no
+            # work that could be lost, so leave at once.
+            os._exit(EXIT_OK)
         self.stopping = True
 
     def run(self) -> int:
@@ -419,9 +427,12 @@ class Monitor:
             self._http.server_close()
             self._http = None
         if self._redis is not None:
-            self._redis.close()
+            with contextlib.suppress(Exception):  # a dead socket may refuse even to close
+                self._redis.close()
+            self._redis = None
         if self._pg is not None:
             store.close(self._pg)
+            self._pg = None
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -136,7 +136,12 @@ def ack(client: redis.Redis, stream: str, group: str, ids: Sequence[str]) -> int
 
 
 def claim(
-    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, ids: Sequence[str]
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    ids: Sequence[str],
 ) -> list[Entry]:
     """XCLAIM entries still idle for ``min_idle_ms`` to ``consumer`` (counts a delivery)."""
     if not ids:

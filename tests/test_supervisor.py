@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -19,7 +21,7 @@ import redis
 import yaml
 from conftest import Names
 
-from ratebox import stream
+from ratebox import producer, stream
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Variables that would override the test's YAML, or make the supervisor talk to systemd.
@@ -280,3 +282,95 @@ class TestLeaseAndConsumersInRedis:
             redis_client, names.stream, names.group, "worker_008"
         ) == (True, 0)
         assert _consumers(redis_client, names) == {"worker_009"}
+
+
+# -- acceptance runs under load (the supervisor issue's 'done when') ----------------------
+
+
+def row_count(dsn: str) -> int:
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT stream_id) FROM raw_items")
+        total, distinct = cur.fetchone()
+        assert total == distinct, "a message got two rows"
+        return int(total)
+
+
+def pending(client: redis.Redis, stream_name: str, group: str) -> int:
+    return int(client.xpending(stream_name, group)["pending"])
+
+
+def publish_in_background(
+    client: redis.Redis, name: str, total: int, rate: float
+) -> threading.Thread:
+    """Publish ``total`` entries at about ``rate`` a second from a thread."""
+
+    def work() -> None:
+        sent = 0
+        while sent < total:
+            chunk = min(int(rate / 10), total - sent)
+            producer.produce(client, name, chunk)
+            sent += chunk
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_twelve_random_worker_kills_lose_nothing_and_duplicate_nothing(
+    start: Callable[[], Running], config_path: Path, redis_url, pg_schema_dsn, names, redis_client
+) -> None:
+    write_config(config_path, redis_url, pg_schema_dsn, names, count=3)
+    sup = start()
+    sup.wait_titles(titles(1, 2, 3))
+    publisher = publish_in_background(redis_client, names.stream, 20_000, 4000)
+    rng = random.Random(12)
+    for _ in range(12):
+        time.sleep(rng.uniform(0.2, 0.5))
+        workers = [pid for title, pid in sup.titles().items() if "worker" in title]
+        if workers:
+            psutil.Process(rng.choice(workers)).kill()
+    publisher.join(60)
+    wait_for("20,000 rows", lambda: row_count(pg_schema_dsn) == 20_000, 120)
+    wait_for("nothing pending", lambda: pending(redis_client, names.stream, names.group) == 0, 60)
+    sup.wait_titles(titles(1, 2, 3), 60)
+    assert redis_client.xlen(names.dead_letter) == 0
+    assert sup.text().count("killed by signal 9") + sup.text().count("SIGKILL") >= 1
+
+
+def test_workers_follow_the_file_from_2_to_5_to_1_while_a_producer_publishes(
+    start: Callable[[], Running], config_path: Path, redis_url, pg_schema_dsn, names, redis_client
+) -> None:
+    write_config(config_path, redis_url, pg_schema_dsn, names, count=2)
+    sup = start()
+    sup.wait_titles(titles(1, 2))
+    publisher = publish_in_background(redis_client, names.stream, 15_000, 2000)
+    time.sleep(1)
+    write_config(config_path, redis_url, pg_schema_dsn, names, count=5)
+    sup.signal(signal.SIGHUP)
+    sup.wait_titles(titles(1, 2, 3, 4, 5), 15)
+    time.sleep(1)
+    write_config(config_path, redis_url, pg_schema_dsn, names, count=1)
+    sup.signal(signal.SIGHUP)
+    sup.wait_titles(titles(1), 15)
+    publisher.join(60)
+    wait_for("every message has its row", lambda: row_count(pg_schema_dsn) == 15_000, 120)
+    wait_for("nothing pending", lambda: pending(redis_client, names.stream, names.group) == 0, 60)
+
+
+def test_term_under_load_exits_0_in_time_and_every_acknowledged_entry_has_its_row(
+    start: Callable[[], Running], config_path: Path, redis_url, pg_schema_dsn, names, redis_client
+) -> None:
+    write_config(config_path, redis_url, pg_schema_dsn, names, count=2)
+    producer.produce(redis_client, names.stream, 30_000)
+    sup = start()
+    children = sup.wait_titles(titles(1, 2))
+    wait_for("some rows", lambda: row_count(pg_schema_dsn) > 0, 30)
+    started = time.monotonic()
+    sup.signal(signal.SIGTERM)
+    assert sup.proc.wait(15) == 0
+    assert time.monotonic() - started < 5 + 2  # shutdown_timeout_s in the test's file, plus slack
+    assert all(gone(pid) for pid in children.values())
+    last = redis_client.xinfo_groups(names.stream)[0]["last-delivered-id"]
+    delivered = len(redis_client.xrange(names.stream, "-", last))
+    assert row_count(pg_schema_dsn) == delivered - pending(redis_client, names.stream, names.group)
