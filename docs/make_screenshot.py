@@ -92,7 +92,7 @@ def main() -> int:
                 stderr=log,
                 start_new_session=True,
             )
-        status = monitor.default_status_path(settings)
+        status = settings.status_path()
         wait_for_file(status)
         load(client, settings.stream.name)
         # A consumer that read and never came back: its entries stay pending for the sweeper.

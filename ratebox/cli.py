@@ -380,7 +380,7 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
     settings, redis_url, dsn = settings_and_servers(args, "monitor")
     from ratebox import monitor
 
-    status = args.status or monitor.default_status_path(settings)
+    status = args.status or settings.status_path()
     if args.mode == "continuous":
         _proctitle("monitor")
         return monitor.run(

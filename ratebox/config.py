@@ -295,6 +295,11 @@ class Settings:
         prefix = self.values["workers.name_prefix"].replace("{hostname}", socket.gethostname())
         return f"{prefix}_{index:03d}"
 
+    def status_path(self) -> str:
+        """Where the supervisor writes its status file (the monitor reads it)."""
+        name = f"supervisor-{self.values['stream.name']}-{self.values['stream.group']}.json"
+        return os.path.join(os.path.abspath(self.values["embedded.dir"]), name)
+
     def diff(self, other: Settings) -> set[str]:
         """The key paths whose values differ (``rules`` included as one key)."""
         changed = {k for k in self.values if self.values[k] != other.values.get(k)}

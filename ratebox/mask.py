@@ -35,6 +35,8 @@ _EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)+")
 _DIGITS_RE = re.compile(
     r"(?=[+\d])(?:(?P<date>(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
     r"(?:[T ][0-2]\d:[0-5]\d(?::[0-5]\d(?:[.,]\d{1,6})?)?)?)(?![\d-])"
+    # Redis stream IDs (millisecond time, dash, sequence) stay readable: operators grep them.
+    r"|(?P<stream_id>1\d{12}-\d{1,6})(?![\d-])"
     r"|(?P<digits>\+?\d(?:[ -]?\d){7,}))"
 )
 _NOT_DIGIT = re.compile(r"\D")

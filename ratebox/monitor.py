@@ -155,14 +155,6 @@ def report(
             store.close(conn)
 
 
-def default_status_path(settings: Settings) -> str:
-    """Where ratebox.supervisor writes its status file for these settings."""
-    directory = os.path.abspath(settings.embedded.dir)
-    return os.path.join(
-        directory, f"supervisor-{settings.stream.name}-{settings.stream.group}.json"
-    )
-
-
 def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, list[Snapshot]]:
     name, dead = settings.stream.name, settings.stream.dead_letter
     info = stream.stream_info(client, name)

@@ -165,10 +165,8 @@ class Supervisor:
             if applied := migrate.run(self.dsn):
                 log.info("applied migrations: %s", ", ".join(applied))
         self._abort_if_asked()
-        directory = os.path.abspath(s.embedded.dir)
-        os.makedirs(directory, exist_ok=True)
-        name = f"supervisor-{s.stream.name}-{s.stream.group}.json"
-        self.status_path = os.path.join(directory, name)
+        self.status_path = s.status_path()
+        os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
         log.info(
             "supervising %d workers on %s/%s", self.worker_count, s.stream.name, s.stream.group
         )
