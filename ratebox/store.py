@@ -374,7 +374,7 @@ _VERDICT_TEMPLATE = "(%s, %s, %s::integer, %s, %s::jsonb)"
 _UPDATE_VERDICTS = """
 WITH v (stream_id, status, error_code, error_message, errors) AS (VALUES %s),
 cur AS (
-    SELECT r.id, v.stream_id,
+    SELECT r.id, v.stream_id, r.status AS old_status, r.consumer_name,
            coalesce(r.error_code >= 900, false) OR coalesce(v.error_code >= 900, false) AS pipeline,
            (r.status, r.error_code, r.error_message, r.errors)
                IS DISTINCT FROM (v.status, v.error_code, v.error_message, v.errors) AS differs
@@ -387,6 +387,18 @@ cur AS (
         errors = v.errors, processed_at = now()
     FROM cur JOIN v ON v.stream_id = cur.stream_id
     WHERE r.id = cur.id AND cur.differs AND NOT cur.pipeline
+    RETURNING 1
+), totals AS (
+    -- The consumers' error totals follow their rows, so the monitor's totals stay exact.
+    UPDATE stream_consumer_stats s SET errors = s.errors + d.delta
+    FROM (
+        SELECT cur.consumer_name,
+               sum((v.status = 'error')::int - (cur.old_status = 'error')::int) AS delta
+        FROM cur JOIN v ON v.stream_id = cur.stream_id
+        WHERE cur.differs AND NOT cur.pipeline
+        GROUP BY cur.consumer_name
+    ) AS d
+    WHERE s.stream_name = %(stream)s AND s.consumer_name = d.consumer_name AND d.delta <> 0
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upd),

@@ -204,6 +204,15 @@ def test_replay_range_updates_verdicts_after_a_rules_change(
     again = replay.replay_range(stricter, redis_url, pg_schema_dsn, ids[0], "+")
     assert (again.changed, again.unchanged) == (0, 3)
 
+    # Back to lenient rules: one error becomes done, and the consumer's total follows.
+    lenient = make_settings(names, rules=[{"code": 101, "enabled": False}])
+    replay.replay_range(lenient, redis_url, pg_schema_dsn, ids[0], "+")
+    with closing(psycopg2.connect(pg_schema_dsn)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT sum(errors) FROM stream_consumer_stats")
+        stats_errors = cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM raw_items WHERE status = 'error'")
+        assert stats_errors == cur.fetchone()[0] == 0
+
 
 def test_replay_range_leaves_dead_lettered_rows_alone(
     redis_client: redis.Redis,
