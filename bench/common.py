@@ -262,17 +262,23 @@ class Accounting:
                 python += tree_cpu(pid)
             except psutil.Error:
                 pass
+        m = psutil.cpu_times()
         return {
             "redis": tree_cpu(self.srv.redis_pid),
             "postgres": tree_cpu(self.srv.pg_pid),
             "python": python,
             "driver": me.ru_utime + me.ru_stime,
+            # The whole machine, to tell how much of it went to work that is not ours.
+            "machine": m.user + m.nice + m.system + m.irq + m.softirq + getattr(m, "steal", 0.0),
             "wall": time.monotonic(),
         }
 
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return {k: round(after[k] - before[k], 3) for k in after}
+        d = {k: round(after[k] - before[k], 3) for k in after}
+        ours = d["redis"] + d["postgres"] + d["python"] + d["driver"]
+        d["other"] = round(max(0.0, d["machine"] - ours), 3)
+        return d
 
 
 class RssSampler(threading.Thread):

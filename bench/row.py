@@ -18,12 +18,15 @@ from ratebox.rules import DEFAULT_RULES, Engine, compile_rules
 #: The default rules, compiled once per process.
 ENGINE: Engine = compile_rules(DEFAULT_RULES)
 
+#: The columns judge() fills, in its order (processed_at is now() on top).
+COLUMNS = (
+    "data, source, status, error_code, error_message, errors, stream_name, stream_id, consumer_name"
+)
 INSERT = (
-    "INSERT INTO raw_items (data, source, status, error_code, error_message, errors,"
-    " processed_at, stream_name, stream_id, consumer_name) VALUES %s"
+    f"INSERT INTO raw_items ({COLUMNS}, processed_at) VALUES %s"
     " ON CONFLICT (stream_name, stream_id) DO NOTHING"
 )
-TEMPLATE = "(%s::jsonb, %s, %s, %s, %s, %s::jsonb, now(), %s, %s, %s)"
+TEMPLATE = "(%s::jsonb, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, now())"
 
 
 def judge(

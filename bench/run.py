@@ -48,7 +48,7 @@ from bench.common import ROOT, Accounting, RssSampler, Scratch, Servers, scratch
 from ratebox import producer, stream
 
 PY = sys.executable
-SYSTEMS = ("ratebox", "ceiling", "naive", "celery", "producer")
+SYSTEMS = ("ratebox", "ceiling", "ceiling_copy", "naive", "celery", "producer")
 #: Targets of the issue, RateBox with 2 workers against each loop with 2 processes.
 TARGETS = {"ceiling": 0.8, "naive": 25.0, "celery": 10.0}
 TMP = Path(tempfile.gettempdir()) / "ratebox-bench"
@@ -145,9 +145,13 @@ def measure(
         "peak_rss_mb": rss,
         **extra,
     }
+    steady = result["cpu_s_steady"]
     result["cpu_us_per_msg"] = {
-        k: round(v * 1e6 / backlog, 2) for k, v in result["cpu_s_steady"].items() if k != "wall"
+        k: round(steady[k] * 1e6 / backlog, 2) for k in ("redis", "postgres", "python", "driver")
     }
+    # Work that was not ours, as a share of the machine over the same window: the noise gauge.
+    cores = psutil.cpu_count() or 1
+    result["other_cpu_pct"] = round(100 * steady["other"] / max(steady["wall"] * cores, 1e-9), 1)
     result["_series"] = sampler.series_by_label()
     return result
 
@@ -217,20 +221,28 @@ def run_ratebox(
     return measure(srv, "ratebox", label, workers, backlog, start, **kw)
 
 
-def run_loop(srv: Servers, which: str, workers: int, backlog: int) -> dict[str, Any]:
-    """bench/ceiling.py or bench/naive.py, W processes."""
+LOOPS = {
+    "ceiling": ("ceiling", [], "bare ceiling (COUNT 500, execute_values)"),
+    "ceiling_copy": ("ceiling", ["--copy"], "bare ceiling (COUNT 500, COPY)"),
+    "naive": ("naive", [], "naive loop (COUNT 10, per-msg)"),
+}
+
+
+def run_loop(srv: Servers, system: str, workers: int, backlog: int) -> dict[str, Any]:
+    """bench/ceiling.py (with or without --copy) or bench/naive.py, W processes."""
+    script, flags, label = LOOPS[system]
 
     def start(s: Scratch) -> list[subprocess.Popen[bytes]]:
         args = ["--redis", srv.redis_url, "--dsn", s.dsn, "--stream", s.stream, "--group", s.group]
         return [
             spawn(
-                [PY, f"bench/{which}.py", *args, "--consumer", f"c{i}"], f"{which}-{s.suffix}-{i}"
+                [PY, f"bench/{script}.py", *args, *flags, "--consumer", f"c{i}"],
+                f"{system}-{s.suffix}-{i}",
             )
             for i in range(1, workers + 1)
         ]
 
-    label = {"ceiling": "bare ceiling (COUNT 500)", "naive": "naive loop (COUNT 10, per-msg)"}
-    return measure(srv, which, label[which], workers, backlog, start)
+    return measure(srv, system, label, workers, backlog, start)
 
 
 def run_celery(srv: Servers, workers: int, backlog: int) -> dict[str, Any]:
@@ -316,6 +328,7 @@ def throughput(args: argparse.Namespace, srv: Servers) -> dict[str, Any]:
     for w in args.workers:
         plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("ceiling", lambda w=w: run_loop(srv, "ceiling", w, args.backlog)),
+            ("ceiling_copy", lambda w=w: run_loop(srv, "ceiling_copy", w, args.backlog)),
             ("naive", lambda w=w: run_loop(srv, "naive", w, args.small_backlog)),
             ("celery", lambda w=w: run_celery(srv, w, args.small_backlog)),
             ("ratebox", lambda w=w: ratebox(w, args.backlog)),
@@ -662,7 +675,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for (system, w), r in sorted(by.items()):
         if system != "ratebox":
             continue
-        for other in ("ceiling", "naive", "celery"):
+        for other in ("ceiling", "ceiling_copy", "naive", "celery"):
             o = by.get((other, w))
             if not o:
                 continue
@@ -670,7 +683,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
             e2e = r["msgs_per_s"] / o["msgs_per_s"]
             steady = (r["steady_msgs_per_s"] or 0) / (o["steady_msgs_per_s"] or 1)
             entry = {"e2e": round(e2e, 2), "steady": round(steady, 2)}
-            if w == 2:
+            if w == 2 and other in TARGETS:
                 entry["target"] = TARGETS[other]
                 entry["met"] = e2e >= TARGETS[other]
             out[key] = entry
@@ -682,10 +695,10 @@ def print_table(doc: dict[str, Any]) -> None:
     print()
     head = (
         f"{'system':44} {'W':>2} {'backlog':>8} {'wall s':>7} {'start s':>7} {'msg/s':>8}"
-        f" {'steady':>8} | {'CPU µs/msg (steady)':^30} | peak RSS MB"
+        f" {'steady':>8} | {'CPU µs/msg (steady)':^30} | {'other':>5} | peak RSS MB"
     )
     print(head)
-    print(f"{'':84}| {'redis':>6} {'pg':>6} {'python':>7} {'driver':>6} |")
+    print(f"{'':90} | {'redis':>6} {'pg':>6} {'python':>7} {'driver':>6} | {'CPU%':>5} |")
     print("-" * len(head))
     for r in runs:
         us = r["cpu_us_per_msg"]
@@ -693,7 +706,8 @@ def print_table(doc: dict[str, Any]) -> None:
         print(
             f"{r['label']:44} {r['workers']:>2} {r['backlog']:>8,} {r['wall_s']:>7.1f}"
             f" {r['startup_s']:>7.2f} {r['msgs_per_s']:>8,.0f} {r['steady_msgs_per_s'] or 0:>8,.0f}"
-            f" | {us['redis']:6.1f} {us['postgres']:6.1f} {us['python']:7.1f} {us['driver']:6.1f} | {rss}"
+            f" | {us['redis']:6.1f} {us['postgres']:6.1f} {us['python']:7.1f} {us['driver']:6.1f}"
+            f" | {r['other_cpu_pct']:5.0f} | {rss}"
         )
     if doc.get("ratios"):
         print(
@@ -789,6 +803,7 @@ def main() -> int:
         "growth": growth,
         "profile": profile,
     }
+    code_before = code_state()
     try:
         load_before = os.getloadavg()
         doc = modes[args.mode](args, srv)
@@ -804,6 +819,7 @@ def main() -> int:
         "load_after": os.getloadavg(),
         "argv": sys.argv[1:],
         "code": code_state(),
+        "code_changed_during_run": code_state()["sha256"] != code_before["sha256"],
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "note": "other work may share the machine: compare ratios within one run",
     }
@@ -811,6 +827,8 @@ def main() -> int:
     name = "results.json" if args.mode == "throughput" else f"results-{args.mode}.json"
     path = args.json or Path(__file__).resolve().parent / name
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    if doc["meta"]["code_changed_during_run"]:
+        print("\nNOTE: ratebox/ or schema/ changed while the bench ran: figures mix two versions")
     print(
         f"\nload average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; wrote {path}"
     )
@@ -818,18 +836,18 @@ def main() -> int:
 
 
 def code_state() -> dict[str, Any]:
-    """What was measured: HEAD, the files changed since, and a hash of ratebox/*.py as run."""
+    """What was measured: HEAD, the files changed since, and a hash of the code as run."""
 
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "ratebox").glob("*.py")):
+    for f in sorted([*(ROOT / "ratebox").glob("*.py"), *(ROOT / "schema").glob("*.sql")]):
         digest.update(f.name.encode() + f.read_bytes())
     return {
         "head": git("rev-parse", "--short", "HEAD"),
         "changed": git("status", "--porcelain", "ratebox", "schema").splitlines(),
-        "ratebox_sha256": digest.hexdigest()[:16],
+        "sha256": digest.hexdigest()[:16],  # of ratebox/*.py and schema/*.sql as run
     }
 
 

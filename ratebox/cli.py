@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -152,9 +153,13 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     if args.mode == "info":
         _print_info(producer.info(client, name))
     elif args.mode == "produce":
+        started = time.monotonic()
         with _progress(args.n) as advance:
             sent = producer.produce(client, name, args.n, args.delay, advance)
-        print(f"published {sent} messages to {name}")
+        took = time.monotonic() - started
+        print(
+            f"published {sent} messages to {name} in {took:.2f} s ({sent / max(took, 1e-9):,.0f}/s)"
+        )
     elif args.mode == "continuous":
         stop = _stop_flag()
         sent = producer.continuous(client, name, args.rate, lambda: not stop)

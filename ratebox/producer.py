@@ -134,44 +134,67 @@ INVALID_KINDS: tuple[tuple[int, Callable[[dict[str, Any], random.Random], None]]
 )
 
 
+#: Every full name with its e-mail local part, made once: the generator picks by index.
+PEOPLE = tuple(
+    (f"{family} {middle} {given}", f"{given}.{family}".translate(ASCII).lower())
+    for family in FAMILY
+    for middle in MIDDLE
+    for given in GIVEN
+)
+
+
 def fake_item(rng: random.Random, invalid_share: float = 0.3) -> dict[str, Any]:
     """A realistic Vietnamese contact; with probability ``invalid_share`` it breaks one rule."""
-    family, middle, given = rng.choice(FAMILY), rng.choice(MIDDLE), rng.choice(GIVEN)
-    local = f"{given}.{family}".translate(ASCII).lower()
+    # rng.random() and indexing: several times faster than choice()/randint(), and the
+    # producer must publish 100,000 items a second.
+    r = rng.random
+    name, local = PEOPLE[int(r() * len(PEOPLE))]
+    digits = 8 + int(r() * 7)
     item: dict[str, Any] = {
-        "phone": rng.choice(MOBILE_PREFIXES) + f"{rng.randrange(10_000_000):07d}",
-        "bank_account": "".join(rng.choices("0123456789", k=rng.randint(8, 14))),
-        "email": f"{local}{rng.randrange(1000)}@{rng.choice(MAIL_DOMAINS)}",
-        "name": f"{family} {middle} {given}",
-        "source": rng.choice(SOURCES),
+        "phone": f"{MOBILE_PREFIXES[int(r() * len(MOBILE_PREFIXES))]}{int(r() * 10_000_000):07d}",
+        "bank_account": f"{int(r() * 10**digits):0{digits}d}",
+        "email": f"{local}{int(r() * 1000)}@{MAIL_DOMAINS[int(r() * len(MAIL_DOMAINS))]}",
+        "name": name,
+        "source": SOURCES[int(r() * len(SOURCES))],
     }
-    if rng.random() < invalid_share:
-        rng.choice(INVALID_KINDS)[1](item, rng)
+    if r() < invalid_share:
+        INVALID_KINDS[int(r() * len(INVALID_KINDS))][1](item, rng)
     return item
 
 
 def entry(
-    item: Any, batch_id: str, producer: str = "ratebox_producer", data: str | None = None
+    item: Any,
+    batch_id: str,
+    producer: str = "ratebox_producer",
+    data: str | None = None,
+    timestamp: str | None = None,
 ) -> dict[str, str]:
     """The stream fields of SPEC §4 for one item (``data`` given as text wins)."""
     source = item.get("source") if isinstance(item, dict) else None
     return {
         "data": data if data is not None else orjson.dumps(item).decode(),
         "source": source if isinstance(source, str) else "file",
-        "timestamp": datetime.now(TZ).isoformat(timespec="seconds"),
+        "timestamp": timestamp or now_text(),
         "producer": producer,
         "batch_id": batch_id,
     }
 
 
+def now_text() -> str:
+    """The current time as SPEC §4 writes it: ISO 8601 with the +07:00 offset."""
+    return datetime.now(TZ).isoformat(timespec="seconds")
+
+
 def generate(
     n: int, seed: int | None = None, invalid_share: float = 0.3
 ) -> Iterator[dict[str, str]]:
-    """``n`` entries of fake items, in batches of 1,000 sharing a batch_id."""
+    """``n`` entries of fake items, in batches of 1,000 sharing a batch_id and a timestamp."""
     rng = random.Random(seed)
     run = f"{int(time.time()):x}"
     for i in range(n):
-        yield entry(fake_item(rng, invalid_share), f"batch_{run}_{i // 1000:05d}")
+        if i % 1000 == 0:
+            batch, stamp = f"batch_{run}_{i // 1000:05d}", now_text()
+        yield entry(fake_item(rng, invalid_share), batch, timestamp=stamp)
 
 
 def produce(

@@ -156,21 +156,38 @@ def touch(client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequ
         client.xclaim(stream, group, consumer, 0, list(ids), justid=True)
 
 
+# Many XADDs in one call: ARGV is, per entry, its field count followed by its fields. One
+# command of 10,000 arguments costs the client far less than 1,000 pipelined commands.
+_ADD_MANY = """
+local ids, i = {}, 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return ids
+"""
+
+
 def publish(
     client: redis.Redis, stream: str, messages: Iterable[Mapping[str, Any]], chunk: int = 1000
 ) -> list[str]:
-    """XADD many entries, pipelined ``chunk`` per round trip; returns their IDs."""
+    """XADD many entries, ``chunk`` per round trip (one server-side script call); their IDs."""
+    script = client.register_script(_ADD_MANY)
     ids: list[str] = []
-    pipe = client.pipeline(transaction=False)
-    pending = 0
+    args: list[Any] = []
+    count = 0
     for fields in messages:
-        pipe.xadd(stream, dict(fields))  # type: ignore[arg-type]
-        pending += 1
-        if pending >= chunk:
-            ids.extend(_id(i) for i in pipe.execute())
-            pending = 0
-    if pending:
-        ids.extend(_id(i) for i in pipe.execute())
+        args.append(2 * len(fields))
+        for key, value in fields.items():
+            args.append(key)
+            args.append(value)
+        count += 1
+        if count >= chunk:
+            ids.extend(_id(i) for i in script(keys=[stream], args=args))
+            args, count = [], 0
+    if count:
+        ids.extend(_id(i) for i in script(keys=[stream], args=args))
     return ids
 
 

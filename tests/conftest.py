@@ -57,8 +57,13 @@ def _embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp() / "embedded"
 
 
+#: The servers named by the environment, taken out of it: they choose the session's servers,
+#: but must not override the YAML of the commands that tests start as subprocesses.
+_SERVER_ENV = {name: os.environ.pop(name, "") for name in ("REDIS_URL", "POSTGRES_DSN")}
+
+
 def _from_env(name: str) -> str | None:
-    value = os.environ.get(name, "")
+    value = _SERVER_ENV.get(name, "")
     return value if value and value != embedded.EMBEDDED else None
 
 

@@ -17,13 +17,12 @@ COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate",
 def run(
     command: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_DSN")}
     return subprocess.run(
         [sys.executable, str(ROOT / "bin" / f"ratebox-{command}"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**clean, **(env or {})},
+        env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
 
