@@ -230,7 +230,14 @@ class Worker:
         return Batch(keep, counts, suspect=any(counts.get(e[0], 1) > 1 for e in keep))
 
 
-def run(settings: Settings, name: str, redis_url: str, dsn: str, **kwargs: object) -> int:
+def run(
+    settings: Settings,
+    name: str,
+    redis_url: str,
+    dsn: str,
+    engine: Engine | None = None,
+    beat: Callable[[], None] = lambda: None,
+    parent_pid: int | None = None,
+) -> int:
     """Entry point of a worker process (after fork or from ratebox-worker)."""
-    worker = Worker(settings, name, redis_url, dsn, **kwargs)  # type: ignore[arg-type]
-    return worker.run()
+    return Worker(settings, name, redis_url, dsn, engine, beat, parent_pid).run()

@@ -248,7 +248,7 @@ def test_postgres_down_mid_run_is_waited_out(
         assert wait_for(lambda: count_rows(dsn) > 0, 30)
         embedded.stop_postgres(var)
         producer.produce(redis_client, names.stream, 2000)
-        time.sleep(6)
+        time.sleep(10)
         assert proc.poll() is None, "the worker must wait out the outage, not exit"
         embedded.ensure_postgres(var)
         assert wait_for(lambda: count_rows(dsn) == 4000, 60)
