@@ -13,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from types import FrameType
 from typing import Any
 
 import psutil
@@ -34,6 +31,8 @@ from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
 from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
+from ratebox.pipeline import sleep
+from ratebox.role import Role
 
 __all__ = ["Monitor", "ProcessSampler", "collect", "render", "run", "snapshot_line"]
 
@@ -319,8 +318,13 @@ def _ms_since(mark: float) -> float:
 # -- the process ------------------------------------------------------------------------------
 
 
-class Monitor:
+class Monitor(Role):
     """The monitor process: refresh every refresh_s, show it, serve it; TERM stops it cleanly."""
+
+    title = "monitor"
+    # A second signal while a refresh hangs on a dead server: the monitor holds no work that
+    # could be lost, so it may leave at once with success.
+    interrupted_status = EXIT_OK
 
     def __init__(
         self,
@@ -334,16 +338,14 @@ class Monitor:
         refresh_s: float | None = None,
         as_json: bool = False,
     ) -> None:
+        super().__init__(beat, parent_pid)
         self.settings = settings
         self.redis_url = redis_url
         self.dsn = dsn
-        self.beat = beat
-        self.parent_pid = parent_pid
         self.status_path = status_path
         self.live = live
         self.refresh_s = refresh_s or settings.monitor.refresh_s
         self.as_json = as_json
-        self.stopping = False
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
         self._redis: redis.Redis | None = None
@@ -357,10 +359,7 @@ class Monitor:
 
     def initialize(self) -> None:
         """Post-fork setup: signal flags, the /metrics listener, the live screen."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
-        # The supervisor restarts us when the settings change; a reload means nothing here.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        super().initialize()
         if self.live is None:
             self.live = sys.stdout.isatty() and not self.as_json
         self._serve_metrics()
@@ -370,24 +369,9 @@ class Monitor:
             )
             self._screen.start()
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            # A second signal while a refresh hangs on a dead server: the monitor holds no
-            # work that could be lost, so leave at once.
-            os._exit(EXIT_OK)
-        self.stopping = True
-
-    def run(self) -> int:
-        """Refresh until TERM/INT or the parent is gone; returns the exit status."""
-        self.initialize()
-        try:
-            while not self.stopping and self._parent_alive():
-                self.beat()
-                self.loop()
-                self._wait(self.refresh_s)
-        finally:
-            self.shutdown()
-        return EXIT_OK
+    def between_turns(self) -> None:
+        """Wait for the next refresh, beating meanwhile."""
+        sleep(self.refresh_s, self.keep_going, self.beat)
 
     def loop(self) -> Snapshot:
         """One refresh: collect, keep for /metrics, show."""
@@ -470,19 +454,6 @@ class Monitor:
             elif not was and server["available"]:
                 log.warning("%s available again", name)
             self._was_up[name] = server["available"]
-
-    def _parent_alive(self) -> bool:
-        # An orphaned monitor would keep a port and a screen nobody looks at.
-        return self.parent_pid is None or os.getppid() == self.parent_pid
-
-    def _wait(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stopping and self._parent_alive():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self.beat()
-            time.sleep(min(left, 0.1))
 
 
 def run(

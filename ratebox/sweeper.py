@@ -9,18 +9,15 @@ directly), ``run()`` repeats it every ``sweeper.interval_s``.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 from ratebox import store, stream
 from ratebox.config import Settings
-from ratebox.errors import EXIT_OK, ServerUnavailable
-from ratebox.pipeline import OUTAGE_ERRORS, Outage, Pipeline, sleep
+from ratebox.pipeline import OUTAGE_ERRORS, Pipeline, sleep
+from ratebox.role import Role
 from ratebox.rules import Engine, compile_rules
 from ratebox.stream import Entry
 
@@ -31,11 +28,6 @@ NAME = "sweeper"
 #: Idle entries looked at per sweep: a sweep ends, and trimming, ghost removal and the
 #: heartbeat come around, even behind a backlog of millions.
 MAX_PER_SWEEP = 1000
-#: A server that cannot be reached: store.connect reports a refused connection as
-#: ServerUnavailable, which is as much an outage as a connection lost later.
-OUTAGES: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, ServerUnavailable)
-#: Exit status of a sweeper stopped at once by a second signal (its entry in hand stays pending).
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -66,7 +58,7 @@ class Sweep:
         )
 
 
-class Sweeper:
+class Sweeper(Role):
     """The one process that claims other consumers' entries; it runs beside the workers."""
 
     def __init__(
@@ -78,18 +70,15 @@ class Sweeper:
         beat: Callable[[], None] = lambda: None,
         parent_pid: int | None = None,
     ) -> None:
+        super().__init__(beat, parent_pid)
         self.settings = settings
         self.pipeline = Pipeline(
             settings, NAME, redis_url, dsn, engine or compile_rules(settings.rules)
         )
-        self.beat = beat
-        self.parent_pid = parent_pid
-        self.stopping = False
         self.group_ready = False
         #: An entry claimed but not yet committed when an outage struck: finished first, without
         #: claiming it again (a claim counts a delivery, and the outage was not its fault).
         self.in_hand: tuple[Entry, int] | None = None
-        self.outage = Outage("sweeper")
         self.totals = Sweep()
         prefix = settings.consumer_name(1).rsplit("_", 1)[0]
         self._ours = re.compile(rf"^(?:{re.escape(prefix)}_\d{{3,}}|{NAME})$")
@@ -98,10 +87,7 @@ class Sweeper:
 
     def initialize(self) -> None:
         """Post-fork setup: signal handlers (connections open lazily in the loop)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_INTERRUPTED))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        super().initialize()
         s = self.settings
         log.info(
             "started on %s/%s: every %gs, claiming entries idle over %d ms",
@@ -111,34 +97,17 @@ class Sweeper:
             s.sweeper.min_idle_ms,
         )
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            os._exit(EXIT_INTERRUPTED)
-        self.stopping = True
+    def between_turns(self) -> None:
+        """Wait for the next sweep, beating meanwhile."""
+        sleep(self.settings.sweeper.interval_s, self.keep_going, self.beat)
 
-    def run(self) -> int:
-        """Sweep every interval until stopped; outages are waited out. Returns the exit status."""
-        self.initialize()
-        while self._keep_going():
-            self.beat()
-            try:
-                self.loop()
-                self.outage.recovered()
-            except OUTAGES as exc:
-                self.pipeline.reset()
-                sleep(self.outage.failed(exc), self._keep_going, self.beat)
-                continue
-            except Exception as exc:
-                if not stream.is_nogroup(exc):
-                    raise
-                log.warning(
-                    "group %s is gone (Redis lost its data?); creating it again",
-                    self.settings.stream.group,
-                )
-                self.group_ready, self.in_hand = False, None
-            sleep(self.settings.sweeper.interval_s, self._keep_going, self.beat)
-        self.shutdown()
-        return EXIT_OK
+    def on_outage(self) -> None:
+        """Drop both connections; an entry in hand is finished once the servers are back."""
+        self.pipeline.reset()
+
+    def on_group_lost(self) -> None:
+        """Nothing claimed survives a lost group."""
+        self.group_ready, self.in_hand = False, None
 
     def shutdown(self) -> None:
         """Close connections; an entry in hand stays pending and is claimed again later."""
@@ -154,10 +123,6 @@ class Sweeper:
         )
         self.pipeline.reset()
 
-    def _keep_going(self) -> bool:
-        # An orphaned sweeper would keep claiming for a system nobody supervises.
-        return not self.stopping and (self.parent_pid is None or os.getppid() == self.parent_pid)
-
     # -- one sweep -------------------------------------------------------------------------
 
     def loop(self) -> Sweep:
@@ -169,11 +134,11 @@ class Sweeper:
                 stream.ensure_group(self.pipeline.redis, s.stream.name, s.stream.group)
                 self.group_ready = True
             # Redis-only steps first: they are safe, and useful, while PostgreSQL is down.
-            if self._keep_going():
+            if self.keep_going():
                 sweep.trimmed = self.trim()
-            if self._keep_going():
+            if self.keep_going():
                 sweep.ghosts = self.remove_ghosts()
-            if self._keep_going():
+            if self.keep_going():
                 self.reclaim(sweep)
         finally:
             self.totals.add(sweep)
@@ -206,7 +171,7 @@ class Sweeper:
         # claimed yet, and a pill that keeps failing sorts last on the next sweep.
         candidates.sort(key=lambda c: (c["deliveries"], _id_key(c["id"])))
         for candidate in candidates:
-            if not self._keep_going():
+            if not self.keep_going():
                 return
             self.beat()
             outcome, entry = stream.claim_one(
@@ -237,7 +202,7 @@ class Sweeper:
             try:
                 self.pipeline.process([entry], {entry[0]: deliveries})
                 sweep.processed += 1
-            except OUTAGES:
+            except OUTAGE_ERRORS:
                 raise
             except Exception:
                 # Only this entry is at fault (one at a time): it stays pending to the sweeper,

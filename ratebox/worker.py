@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 
 from ratebox import stream
 from ratebox.config import Settings
-from ratebox.errors import EXIT_OK
-from ratebox.pipeline import OUTAGE_ERRORS, Outage, Pipeline, sleep
+from ratebox.pipeline import OUTAGE_ERRORS, Pipeline
+from ratebox.role import Role
 from ratebox.rules import Engine, compile_rules
 from ratebox.stream import Entry
 
 log = logging.getLogger(__name__)
-
-#: Exit status of a worker stopped at once by a second signal (its batch stays pending).
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -39,7 +33,7 @@ class Batch:
     suspect: bool = False
 
 
-class Worker:
+class Worker(Role):
     """A consumer of the group, named once and for all (its pending entries belong to the name)."""
 
     def __init__(
@@ -52,28 +46,23 @@ class Worker:
         beat: Callable[[], None] = lambda: None,
         parent_pid: int | None = None,
     ) -> None:
+        self.title = f"worker {name}"
+        super().__init__(beat, parent_pid)
         self.settings = settings
         self.name = name
         self.pipeline = Pipeline(
             settings, name, redis_url, dsn, engine or compile_rules(settings.rules)
         )
-        self.beat = beat
-        self.parent_pid = parent_pid
-        self.stopping = False
         self.cursor: str | None = "0"  # reading own pending history until it is exhausted
         self.batch: Batch | None = None
         self.group_ready = False
-        self.outage = Outage(f"worker {name}")
         self.processed = 0
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle (the loop itself is Role.run) ------------------------------------------------
 
     def initialize(self) -> None:
         """Post-fork setup: signal handlers (connections open lazily in the loop)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
-        signal.signal(signal.SIGQUIT, lambda *_: os._exit(EXIT_INTERRUPTED))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        super().initialize()
         log.info(
             "started, reading %s as %s/%s",
             self.settings.stream.name,
@@ -81,37 +70,13 @@ class Worker:
             self.name,
         )
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            # A second signal: leave now; whatever is in hand stays pending and is redelivered.
-            os._exit(EXIT_INTERRUPTED)
-        self.stopping = True
+    def on_outage(self) -> None:
+        """Drop both connections; the batch in hand is kept and retried."""
+        self.pipeline.reset()
 
-    def run(self) -> int:
-        """Loop until stopped; outages are waited out. Returns the exit status."""
-        self.initialize()
-        while not self.stopping and self._parent_alive():
-            self.beat()
-            try:
-                self.loop()
-                self.outage.recovered()
-            except OUTAGE_ERRORS as exc:
-                self.pipeline.reset()
-                sleep(
-                    self.outage.failed(exc),
-                    lambda: not self.stopping and self._parent_alive(),
-                    self._outage_tick,
-                )
-            except Exception as exc:
-                if not stream.is_nogroup(exc):
-                    raise
-                log.warning(
-                    "group %s is gone (Redis lost its data?); creating it again",
-                    self.settings.stream.group,
-                )
-                self.cursor, self.group_ready, self.batch = "0", False, None
-        self.shutdown()
-        return EXIT_OK
+    def on_group_lost(self) -> None:
+        """Start again from this name's pending entries once the group exists again."""
+        self.cursor, self.group_ready, self.batch = "0", False, None
 
     def shutdown(self) -> None:
         """Close connections; whatever was not acknowledged stays pending for the next start."""
@@ -126,7 +91,7 @@ class Worker:
     #: When the batch in hand is next touched (time.monotonic()).
     _touch_due = 0.0
 
-    def _outage_tick(self) -> None:
+    def outage_tick(self) -> None:
         """Beat, and keep the batch in hand from looking abandoned while an outage lasts."""
         self.beat()
         if self.batch is None or not self.batch.entries or time.monotonic() < self._touch_due:
@@ -142,10 +107,6 @@ class Worker:
             stream.touch(self.pipeline.redis, s.stream.name, s.stream.group, self.name, ids)
 
     # -- end of sweeper section -----------------------------------------------------------------
-
-    def _parent_alive(self) -> bool:
-        # Orphaned workers would keep consuming under a name no supervisor watches.
-        return self.parent_pid is None or os.getppid() == self.parent_pid
 
     # -- one turn --------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ import yaml
 
 from ratebox import config, producer, stream
 from ratebox.config import Settings
-from ratebox.sweeper import NAME, OUTAGES, Sweeper
+from ratebox.pipeline import OUTAGE_ERRORS
+from ratebox.sweeper import NAME, Sweeper
 from ratebox.worker import Worker
 
 #: A DSN that refuses at once: nothing listens on port 1.
@@ -291,7 +292,7 @@ def test_postgres_unreachable_for_twice_min_idle_dead_letters_nothing(
     while time.monotonic() < deadline:
         try:
             sweeper.loop()
-        except OUTAGES:
+        except OUTAGE_ERRORS:
             outages += 1
             sweeper.pipeline.reset()
         time.sleep(settings.sweeper.interval_s / 2)
@@ -320,14 +321,14 @@ def test_a_worker_waiting_out_a_database_outage_keeps_its_batch_from_the_sweeper
     settings = make_settings(names, sweeper={"min_idle_ms": 200}, workers={"max_retries": 1})
     ids = publish(redis_client, settings, [VALID] * 3)
     worker = Worker(settings, "worker_001", redis_url, REFUSING_DSN)
-    with pytest.raises(OUTAGES):
+    with pytest.raises(OUTAGE_ERRORS):
         worker.loop()  # reads the batch, then cannot commit it
     assert worker.batch is not None and len(worker.batch.entries) == 3
     sweeper = make_sweeper(settings, redis_url, pg_schema_dsn)  # the sweeper's database is fine
 
     deadline = time.monotonic() + 4 * settings.sweeper.min_idle_ms / 1000
     while time.monotonic() < deadline:
-        worker._outage_tick()  # what the worker's backoff sleep calls
+        worker.outage_tick()  # what the worker's backoff sleep calls
         sweeper.loop()
         time.sleep(0.05)
 
