@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -37,8 +36,7 @@ _RAW_KEEP_BYTES = 4 * RAW_KEEP_CHARS + 4
 _JSON_KIND = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
 
 
-@dataclass(frozen=True)
-class Decoded:
+class Decoded(NamedTuple):
     """A decoded entry: the item, or the pipeline error and what is kept of the text."""
 
     item: dict[str, Any] | None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from ratebox import message
 from ratebox.rules import Engine, Failure
@@ -15,9 +14,11 @@ DONE = "done"
 ERROR = "error"
 
 
-@dataclass(frozen=True)
-class Row:
-    """One raw_items row, minus what the whole batch shares (stream, consumer, times)."""
+class Row(NamedTuple):
+    """One raw_items row, minus what the whole batch shares (stream, consumer, times).
+
+    A named tuple, not a dataclass: one is built per message, and this is ~4x cheaper.
+    """
 
     stream_id: str
     data: Any
@@ -82,8 +83,7 @@ def rejected(row: Row, reason: str) -> Row:
     """The same entry recorded as refused by the database (903), its data kept as text."""
     failure = message.pipeline_failure(message.DB_REJECTED, f"Rejected by the database: {reason}")
     text = repr(row.data)[:1000]
-    return replace(
-        row,
+    return row._replace(
         data={"_raw": message.sanitize(text)},
         source=message.sanitize(row.source) if row.source else None,
         status=ERROR,
