@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -175,9 +176,15 @@ def _raw_text(entry: Mapping[str, bytes]) -> str:
     return sanitize(text[:RAW_KEEP_CHARS])
 
 
+def _clean(text: str) -> str:
+    return text.replace(_NUL, _REPLACEMENT) if _NUL in text else text
+
+
 def _source(from_item: Any, entry: Mapping[str, bytes]) -> str | None:
-    if isinstance(from_item, str) and from_item.strip():
-        return sanitize(from_item.strip())
+    if type(from_item) is str:
+        text = from_item.strip()
+        if text:
+            return _clean(text)
     return _text(entry, "source")
 
 
@@ -186,15 +193,19 @@ def _text(entry: Mapping[str, bytes], name: str) -> str | None:
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace").strip()
-    return sanitize(text) if text else None
+    return _clean(text) if text else None
 
 
 def _timestamp(entry: Mapping[str, bytes]) -> datetime | None:
-    text = _text(entry, "timestamp")
-    if text is None or len(text) > 64:
-        return None
+    raw = entry.get("timestamp")
+    return None if raw is None or len(raw) > 64 else _parse_time(raw)
+
+
+# Producers stamp a batch of entries with one time: most calls are cache hits.
+@functools.lru_cache(maxsize=256)
+def _parse_time(raw: bytes) -> datetime | None:
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(raw.decode("utf-8", "replace").strip())
     except ValueError:
         return None
     # A producer that leaves out the offset means UTC: that is what every clock here runs on.

@@ -237,6 +237,8 @@ def _dumps(value: Any) -> str:
 
 
 def _json(value: Any) -> str:
+    if not value and type(value) is list:
+        return "[]"  # the errors of every valid item
     text = _dumps(value)
     # JSON text has no raw tab or newline; only its backslashes need doubling for COPY.
     return text.replace("\\", "\\\\") if "\\" in text else text
