@@ -3,6 +3,7 @@ waiting for a drained group, and CPU / RSS accounting."""
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
 import socket
@@ -289,6 +290,7 @@ class RssSampler(threading.Thread):
         self.every_s = every_s
         self.roots: list[int] = []
         self.peak: dict[int, tuple[str, int]] = {}
+        self.labels: dict[int, collections.Counter[str]] = {}
         self.series: dict[int, list[tuple[float, int]]] = {}
         self._done = threading.Event()
         self._t0 = time.monotonic()
@@ -310,12 +312,16 @@ class RssSampler(threading.Thread):
                 continue
             for p in procs:
                 try:
+                    if p.status() == psutil.STATUS_ZOMBIE:
+                        continue
                     rss = p.memory_info().rss
                     label = _label(p)
                 except psutil.Error:
                     continue
-                old = self.peak.get(p.pid, (label, 0))
-                self.peak[p.pid] = (label, max(old[1], rss))
+                # A process caught between fork and exec has a passing name: the usual one wins.
+                self.labels.setdefault(p.pid, collections.Counter())[label] += 1
+                label = self.labels[p.pid].most_common(1)[0][0]
+                self.peak[p.pid] = (label, max(self.peak.get(p.pid, ("", 0))[1], rss))
                 self.series.setdefault(p.pid, []).append((time.monotonic() - self._t0, rss))
 
     def series_by_label(self) -> dict[str, list[tuple[float, float]]]:
@@ -337,12 +343,15 @@ class RssSampler(threading.Thread):
 
 def _label(p: psutil.Process) -> str:
     cmd = p.cmdline()
+    if not cmd:
+        raise psutil.ZombieProcess(p.pid)  # exiting: nothing to tell it by
     text = " ".join(" ".join(cmd).split())  # setproctitle pads its title with blanks
     if text.startswith("ratebox:"):
         return text  # setproctitle: "ratebox: worker worker_001"
     if "celery" in text:
         parent = p.parent()
-        main = parent is None or "celery" not in " ".join(parent.cmdline())
+        parent_text = " ".join(parent.cmdline()) if parent else ""
+        main = "celeryd" not in parent_text and "celery_app" not in parent_text
         return "celery main" if main else "celery pool child"
     name = next((Path(c).name for c in cmd if c.endswith(".py") or "ratebox-" in c), p.name())
     if "--consumer" in cmd:

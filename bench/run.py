@@ -5,7 +5,7 @@
     .venv/bin/python bench/run.py latency              # 1,000 msg/s for 30 s: publish -> row p99
     .venv/bin/python bench/run.py soak                 # 1,000,000 messages: worker RSS over time
     .venv/bin/python bench/run.py growth               # backlog 10k..1M, and raw_items past 5M rows
-    .venv/bin/python bench/run.py profile              # py-spy of one RateBox worker for 10 s
+    .venv/bin/python bench/run.py profile              # py-spy of one RateBox worker, 2 x 10 s
 
 Servers: the machine's (127.0.0.1:6379 and :5432) when both answer, else embedded ones under
 var/bench (``--servers`` forces either). Every run gets its own PostgreSQL schema and stream
@@ -69,11 +69,12 @@ def preload(srv: Servers, s: Scratch, n: int) -> float:
 
 
 def spawn(cmd: list[str], name: str, **env: str) -> subprocess.Popen[bytes]:
+    """Start a process from the project root, its output in $TMPDIR/ratebox-bench/NAME.log."""
     TMP.mkdir(exist_ok=True)
-    log = open(TMP / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=common.clean_env(**env), stdout=log, stderr=subprocess.STDOUT
-    )
+    with open(TMP / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=common.clean_env(**env), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def measure(
@@ -201,24 +202,30 @@ def ratebox_yaml(srv: Servers, s: Scratch, workers: int) -> Path:
     return path
 
 
+def start_ratebox(srv: Servers, s: Scratch, workers: int, supervisor: bool) -> list[Any]:
+    """bin/ratebox-supervisor, or W bin/ratebox-worker processes named worker_001 ..."""
+    path = str(ratebox_yaml(srv, s, workers))
+    if supervisor:
+        cmd = [PY, "bin/ratebox-supervisor", "-c", path, "--log-level", "WARNING"]
+        return [spawn(cmd, f"supervisor-{s.suffix}")]
+    cmd = [PY, "bin/ratebox-worker", "-c", path, "--log-level", "WARNING"]
+    return [
+        spawn(cmd, f"worker-{s.suffix}-{i}", CONSUMER_NAME=f"worker_{i:03d}")
+        for i in range(1, workers + 1)
+    ]
+
+
+def ratebox_label(supervisor: bool) -> str:
+    return "RateBox supervisor" if supervisor else "RateBox W x ratebox-worker (NO supervisor)"
+
+
 def run_ratebox(
     srv: Servers, workers: int, backlog: int, supervisor: bool, **kw: Any
 ) -> dict[str, Any]:
     def start(s: Scratch) -> list[subprocess.Popen[bytes]]:
-        path = str(ratebox_yaml(srv, s, workers))
-        if supervisor:
-            cmd = [PY, "bin/ratebox-supervisor", "-c", path, "--log-level", "WARNING"]
-            return [spawn(cmd, f"supervisor-{s.suffix}")]
-        cmd = [PY, "bin/ratebox-worker", "-c", path, "--log-level", "WARNING"]
-        return [
-            spawn(cmd, f"worker-{s.suffix}-{i}", CONSUMER_NAME=f"worker_{i:03d}")
-            for i in range(1, workers + 1)
-        ]
+        return start_ratebox(srv, s, workers, supervisor)
 
-    label = (
-        "RateBox supervisor" if supervisor else f"RateBox {workers}x ratebox-worker (no supervisor)"
-    )
-    return measure(srv, "ratebox", label, workers, backlog, start, **kw)
+    return measure(srv, "ratebox", ratebox_label(supervisor), workers, backlog, start, **kw)
 
 
 LOOPS = {
@@ -446,19 +453,11 @@ class CommitClock(threading.Thread):
 def run_start(
     srv: Servers, s: Scratch, workers: int, args: argparse.Namespace
 ) -> list[subprocess.Popen[bytes]]:
-    path = str(ratebox_yaml(srv, s, workers))
-    if args.ratebox == "workers":
-        cmd = [PY, "bin/ratebox-worker", "-c", path, "--log-level", "WARNING"]
-        return [
-            spawn(cmd, f"worker-{s.suffix}-{i}", CONSUMER_NAME=f"worker_{i:03d}")
-            for i in range(1, workers + 1)
-        ]
-    cmd = [PY, "bin/ratebox-supervisor", "-c", path, "--log-level", "WARNING"]
-    return [spawn(cmd, f"supervisor-{s.suffix}")]
+    return start_ratebox(srv, s, workers, args.ratebox != "workers")
 
 
 def label_of(args: argparse.Namespace) -> str:
-    return "RateBox supervisor" if args.ratebox != "workers" else "RateBox ratebox-worker x W"
+    return ratebox_label(args.ratebox != "workers")
 
 
 def wait_consumers(
@@ -556,23 +555,51 @@ def growth(args: argparse.Namespace, srv: Servers) -> dict[str, Any]:
     backlogs = [*sorted(set(args.growth_backlogs) - {args.backlog}), args.backlog]
     for n in backlogs:  # the last one on an empty table right before the prefilled one
         print(f"-- backlog {n:,}, empty raw_items ...", flush=True)
-        runs.append({**ratebox(w, n), "prefilled_rows": 0})
+        runs.append({**ratebox(w, n, after=quarters), "prefilled_rows": 0})
         print("   " + brief(runs[-1]), flush=True)
 
     def prefill(s: Scratch) -> None:
         fill_history(s.dsn, args.prefill_rows)
 
     print(f"-- backlog {args.backlog:,}, raw_items prefilled with {args.prefill_rows:,} rows ...")
-    runs.append({**ratebox(w, args.backlog, prepare=prefill), "prefilled_rows": args.prefill_rows})
+    run = ratebox(w, args.backlog, prepare=prefill, after=quarters)
+    runs.append({**run, "prefilled_rows": args.prefill_rows})
     print("   " + brief(runs[-1]), flush=True)
     print(f"\ngrowth: {runs[0]['label']}, W={w}")
-    print(f"{'backlog':>10} {'raw_items before':>17} {'msg/s e2e':>10} {'msg/s steady':>13}")
+    print(
+        f"{'backlog':>10} {'raw_items before':>17} {'msg/s e2e':>10} {'msg/s steady':>13}"
+        f"   msg/s by quarter of the run"
+    )
     for r in runs:
-        steady = r["steady_msgs_per_s"] or 0
+        by_quarter = " ".join(f"{q:>7,.0f}" for q in r["quarters_msgs_per_s"])
         print(
-            f"{r['backlog']:>10,} {r['prefilled_rows']:>17,} {r['msgs_per_s']:>10,.0f} {steady:>13,.0f}"
+            f"{r['backlog']:>10,} {r['prefilled_rows']:>17,} {r['msgs_per_s']:>10,.0f}"
+            f" {r['steady_msgs_per_s'] or 0:>13,.0f}   {by_quarter}"
         )
     return {"growth": runs}
+
+
+def quarters(s: Scratch) -> dict[str, Any]:
+    """msg/s in each quarter of the span of processed_at: does the rate sag as the run goes?"""
+    with closing(psycopg2.connect(s.dsn)) as conn, conn.cursor() as cur:
+        # In two steps: one statement would be planned with the statistics of before the run
+        # (the stream had no rows), and a nested loop over 200,000 rows never ends.
+        where = "FROM raw_items WHERE stream_name = %s"
+        cur.execute(
+            f"SELECT extract(epoch FROM min(processed_at)), extract(epoch FROM max(processed_at)) {where}",
+            (s.stream,),
+        )
+        lo, hi = (float(x or 0) for x in cur.fetchone())
+        span = hi - lo
+        if span <= 0:
+            return {"quarters_msgs_per_s": []}
+        cur.execute(
+            "SELECT least(floor(4 * (extract(epoch FROM processed_at) - %s) / %s), 3) AS q,"
+            f" count(*) {where} GROUP BY q ORDER BY q",
+            (lo, span, s.stream),
+        )
+        rates = [round(n / (span / 4), 1) for _, n in cur.fetchall()]
+    return {"quarters_msgs_per_s": rates}
 
 
 HISTORY_SQL = """
@@ -614,8 +641,17 @@ def fill_history(dsn: str, rows: int, chunk: int = 1_000_000) -> None:
     print(f"   prefilled {rows:,} rows in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+PROFILES = {
+    # Every sample, waiting included: where the worker's time goes.
+    "wall": (["--idle"], "all samples (--idle): where the time goes, waits included"),
+    # Only samples holding the GIL: Python work. psycopg2 and socket waits release the GIL;
+    # py-spy's default "active" test still counts them as busy, so it is not used.
+    "gil": (["--gil"], "samples holding the GIL: the worker's own CPU"),
+}
+
+
 def profile(args: argparse.Namespace, srv: Servers) -> dict[str, Any]:
-    """py-spy of worker_001 while a RateBox run drains a large backlog: on-CPU, then wall."""
+    """py-spy of worker_001 while a RateBox run drains a large backlog: wall, then GIL."""
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     w = args.workers[-1]
     out: dict[str, Any] = {}
@@ -625,24 +661,23 @@ def profile(args: argparse.Namespace, srv: Servers) -> dict[str, Any]:
         client = redis.Redis.from_url(srv.redis_url)
         wait_consumers(client, s, w, procs)
         pid = worker_pid(procs, "worker_001")
-        for kind, extra in (("cpu", []), ("wall", ["--idle"])):
+        for kind, (flags, _) in PROFILES.items():
             raw = TMP / f"pyspy-{kind}-{s.suffix}.txt"
             cmd = [spy, "record", "-p", str(pid), "-d", str(args.profile_s), "-r", "200"]
             subprocess.run(
-                [*cmd, "-f", "raw", "-o", str(raw), *extra], check=True, capture_output=True
+                [*cmd, "-f", "raw", "-o", str(raw), *flags], check=True, capture_output=True
             )
-            out[kind] = summarize_profile(raw)
-            out[kind]["file"] = str(raw)
+            out[kind] = {**summarize_profile(raw), "file": str(raw)}
+        group = next(g for g in client.xinfo_groups(s.stream) if g["name"] == s.group.encode())
+        if group.get("lag") == 0:
+            print("WARNING: the backlog ran out before profiling ended: raise --backlog")
         return procs
 
     run = measure(srv, "profile", label_of(args), w, args.backlog, start)
     run["profile"] = out
-    for kind in ("cpu", "wall"):
+    for kind, (_, what) in PROFILES.items():
         p = out[kind]
-        print(
-            f"\npy-spy ({kind}: {'on-CPU samples' if kind == 'cpu' else 'all samples, --idle'})"
-            f" of worker_001, {args.profile_s} s, {p['samples']} samples"
-        )
+        print(f"\npy-spy of worker_001, {args.profile_s} s, {p['samples']} samples: {what}")
         print(f"  {'self %':>7} {'incl %':>7}  function")
         for f in p["top"]:
             print(f"  {f['self']:7.1f} {f['incl']:7.1f}  {f['function']}")
@@ -793,7 +828,7 @@ def main() -> int:
     p.add_argument(
         "--backlog",
         type=int,
-        help="messages preloaded (default 200,000; soak and profile 1,000,000)",
+        help="messages preloaded (default 200,000; soak 1,000,000; profile 2,000,000)",
     )
     p.add_argument("--small-backlog", type=int, default=20_000, help="backlog of naive and celery")
     p.add_argument("--workers", type=_ints, help="W values (default 1,2,4; modes: 2)")
@@ -816,8 +851,8 @@ def main() -> int:
         "--json", type=Path, help="default bench/results.json (modes: results-MODE.json)"
     )
     args = p.parse_args()
-    big = args.mode in ("soak", "profile")
-    args.backlog = args.backlog or (1_000_000 if big else 200_000)
+    big = {"soak": 1_000_000, "profile": 2_000_000}
+    args.backlog = args.backlog or big.get(args.mode, 200_000)
     args.workers = args.workers or ([1, 2, 4] if args.mode == "throughput" else [2])
     kind = args.servers or ("machine" if common.machine_up() else "embedded")
     srv = common.servers(kind)
