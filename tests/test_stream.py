@@ -14,7 +14,7 @@ def test_publish_keeps_every_entry_and_field_in_order(redis_client, names) -> No
     assert len(ids) == len(messages) == len(set(ids))
     stored = redis_client.xrange(names.stream)
     assert [i.decode() for i, _ in stored] == ids
-    for (_, fields), sent in zip(stored, messages):
+    for (_, fields), sent in zip(stored, messages, strict=True):
         assert {k.decode(): v.decode() for k, v in fields.items()} == sent
 
 
