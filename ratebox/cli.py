@@ -61,18 +61,23 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     return wrapper
 
 
+def servers(settings: config.Settings, need_pg: bool = True) -> tuple[str, str]:
+    """The Redis URL and DSN to use, ``embedded`` resolved to running servers."""
+    from ratebox import embedded
+
+    redis_url, dsn, _ = embedded.resolve(
+        settings.redis.url, settings.postgres.dsn if need_pg else "unused", settings.embedded.dir
+    )
+    return redis_url, dsn
+
+
 def settings_and_servers(
     args: argparse.Namespace, title: str, need_pg: bool = True
 ) -> tuple[config.Settings, str, str]:
     """Load the configuration, set up logging, and resolve ``embedded`` to running servers."""
     settings = config.load(args.config)
     log.setup(title, args.log_level)
-    from ratebox import embedded
-
-    redis_url, dsn, _ = embedded.resolve(
-        settings.redis.url, settings.postgres.dsn if need_pg else "unused", settings.embedded.dir
-    )
-    return settings, redis_url, dsn
+    return settings, *servers(settings, need_pg)
 
 
 def _proctitle(title: str) -> None:
@@ -109,7 +114,8 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise UsageError(f"CONSUMER_NAME: {exc}") from None
     _proctitle(f"worker {name}")
-    settings, redis_url, dsn = settings_and_servers(args, f"worker {name}")
+    log.setup(f"worker {name}", args.log_level)
+    redis_url, dsn = servers(settings)
     if settings.postgres.migrate_on_start:
         from ratebox import migrate
 
