@@ -173,6 +173,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 # -- waiting for the end of a run ----------------------------------------------------------------
 
 
+class ConsumersFailed(RuntimeError):
+    """The processes under test exited early or stopped making progress."""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -207,9 +211,9 @@ def wait_drained(
             progress, progress_at = (delivered, pending), now
         failed = [p for p in procs if p.poll() is not None]
         if failed:
-            raise RuntimeError(f"consumer exited early: {failed[0].args}")
+            raise ConsumersFailed(f"consumer exited early: {failed[0].args}")
         if now - progress_at > stall_s:
-            raise RuntimeError(f"no progress for {stall_s:.0f} s (delivered {delivered}/{last})")
+            raise ConsumersFailed(f"no progress for {stall_s:.0f} s (delivered {delivered}/{last})")
         time.sleep(0.02)
 
 

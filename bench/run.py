@@ -179,7 +179,7 @@ def wait_rows(
                 if count >= n:
                     return first or now, now
                 if any(p.poll() is not None for p in procs):
-                    raise RuntimeError(f"celery exited early (see {TMP}/celery-*.log)")
+                    raise common.ConsumersFailed(f"celery exited early (see {TMP}/celery-*.log)")
                 time.sleep(0.1)
 
 
@@ -317,7 +317,7 @@ def ratebox_runner(args: argparse.Namespace, srv: Servers) -> Callable[..., dict
         if state["supervisor"]:
             try:
                 return run_ratebox(srv, workers, backlog, True, **kw)
-            except Exception as exc:
+            except common.ConsumersFailed as exc:
                 if args.ratebox == "supervisor":
                     raise
                 print(f"  supervisor run failed ({exc}); measuring ratebox-worker processes")
@@ -473,7 +473,7 @@ def wait_consumers(
         except redis.ResponseError:
             pass
         if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"ratebox exited early (see {TMP})")
+            raise common.ConsumersFailed(f"ratebox exited early (see {TMP})")
         time.sleep(0.1)
     raise RuntimeError("workers did not start within 60 s")
 
