@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -38,10 +39,12 @@ _JSON_KIND = {str: "string", int: "number", float: "number", bool: "boolean", li
 
 
 class Decoded(NamedTuple):
-    """A decoded entry: the item, or the pipeline error and what is kept of the text."""
+    """A decoded entry: the item (or the pipeline error) and the JSON text to store."""
 
     item: dict[str, Any] | None
-    data: Any
+    #: What raw_items.data gets, as JSON text: the entry's own text when it can be stored as
+    #: sent, else the sanitized item, else {"_raw": what is kept of a refused entry}.
+    text: str
     error: Failure | None
     source: str | None
     producer: str | None
@@ -56,6 +59,41 @@ def pipeline_failure(code: int, message: str) -> Failure:
 
 def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded:
     """The entry's item and metadata, or the first pipeline error (902, then 901, then 900)."""
+    # The common case, as redis-py delivers it: bytes keys and values, a JSON object without
+    # NUL. Done with direct lookups; anything else takes the general path below.
+    data = fields.get(b"data")
+    # find(), not `in`: bytes.__contains__ first tries the argument as an integer, and pays
+    # for a formatted TypeError on every call.
+    if type(data) is bytes and data.find(_NUL_ESCAPE) < 0:
+        try:
+            size = sum(map(len, fields)) + sum(map(len, fields.values()))
+            item = orjson.loads(data) if size <= max_bytes else None
+        except (ValueError, RecursionError, TypeError):
+            item = None
+        if type(item) is dict:
+            get = fields.get
+            source = item.get("source")
+            source = _item_source(source) if type(source) is str else None
+            # orjson accepted the text, so it is valid UTF-8 and valid JSON: stored as sent.
+            return _new_decoded(
+                (
+                    item,
+                    data.decode(),
+                    None,
+                    _meta(get(b"source")) if source is None else source,
+                    _meta(get(b"producer")),
+                    _meta(get(b"batch_id")),
+                    _timestamp(get(b"timestamp")),
+                )
+            )
+    return _decode_any(fields, max_bytes)
+
+
+# NamedTuple's own __new__ is a Python function; this is a third of the cost per message.
+_new_decoded = functools.partial(tuple.__new__, Decoded)
+
+
+def _decode_any(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded:
     entry: dict[str, bytes] = {}
     size = 0
     for key, value in fields.items():
@@ -81,15 +119,26 @@ def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded
         )
     if _NUL_ESCAPE in data:
         item = sanitize(item)
+        text = dumps(item)
+    else:
+        text = data.decode()
     return Decoded(
         item=item,
-        data=item,
+        text=text,
         error=None,
-        source=_source(item.get("source"), entry),
-        producer=_text(entry, "producer"),
-        batch_id=_text(entry, "batch_id"),
-        produced_at=_timestamp(entry),
+        source=_source(item.get("source"), entry.get("source")),
+        producer=_meta(entry.get("producer")),
+        batch_id=_meta(entry.get("batch_id")),
+        produced_at=_timestamp(entry.get("timestamp")),
     )
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a decoded value; integers beyond 64 bits fall back to the json module."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False)
 
 
 def sanitize(value: Any) -> Any:
@@ -153,14 +202,16 @@ def _which(data: bytes) -> str:
 
 
 def _refused(entry: Mapping[str, bytes], code: int, message: str) -> Decoded:
+    # Not through the caches: a refused entry's fields may be huge, and seen once.
+    meta, stamp = _meta.__wrapped__, _timestamp.__wrapped__
     return Decoded(
         item=None,
-        data={"_raw": _raw_text(entry)},
+        text=dumps({"_raw": _raw_text(entry)}),
         error=pipeline_failure(code, message),
-        source=_text(entry, "source"),
-        producer=_text(entry, "producer"),
-        batch_id=_text(entry, "batch_id"),
-        produced_at=_timestamp(entry),
+        source=meta(entry.get("source")),
+        producer=meta(entry.get("producer")),
+        batch_id=meta(entry.get("batch_id")),
+        produced_at=stamp(entry.get("timestamp")),
     )
 
 
@@ -180,32 +231,33 @@ def _clean(text: str) -> str:
     return text.replace(_NUL, _REPLACEMENT) if _NUL in text else text
 
 
-def _source(from_item: Any, entry: Mapping[str, bytes]) -> str | None:
-    if type(from_item) is str:
-        text = from_item.strip()
-        if text:
-            return _clean(text)
-    return _text(entry, "source")
+def _source(from_item: Any, raw: bytes | str | None) -> str | None:
+    source = _item_source(from_item) if type(from_item) is str else None
+    return _meta(raw) if source is None else source
 
 
-def _text(entry: Mapping[str, bytes], name: str) -> str | None:
-    raw = entry.get(name)
-    if raw is None:
-        return None
-    text = raw.decode("utf-8", "replace").strip()
+# Producers stamp many entries with the same source, producer, batch and time: most calls
+# are cache hits. The caches are small: a key can be as large as a whole entry.
+@functools.lru_cache(maxsize=64)
+def _item_source(text: str) -> str | None:
+    text = text.strip()
     return _clean(text) if text else None
 
 
-def _timestamp(entry: Mapping[str, bytes]) -> datetime | None:
-    raw = entry.get("timestamp")
-    return None if raw is None or len(raw) > 64 else _parse_time(raw)
+@functools.lru_cache(maxsize=64)
+def _meta(raw: bytes | str | None) -> str | None:
+    if raw is None:
+        return None
+    text = _as_bytes(raw).decode("utf-8", "replace").strip()
+    return _clean(text) if text else None
 
 
-# Producers stamp a batch of entries with one time: most calls are cache hits.
-@functools.lru_cache(maxsize=256)
-def _parse_time(raw: bytes) -> datetime | None:
+@functools.lru_cache(maxsize=64)
+def _timestamp(raw: bytes | str | None) -> datetime | None:
+    if raw is None or len(raw) > 64:
+        return None
     try:
-        moment = datetime.fromisoformat(raw.decode("utf-8", "replace").strip())
+        moment = datetime.fromisoformat(_as_bytes(raw).decode("utf-8", "replace").strip())
     except ValueError:
         return None
     # A producer that leaves out the offset means UTC: that is what every clock here runs on.

@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -113,15 +113,6 @@ def _string_list(value: Any, path: str) -> None:
 _Test = Callable[[str], bool]
 
 
-def _required(params: Mapping[str, Any]) -> _Test:
-    return lambda value: True  # reached only when the value is present
-
-
-def _min_length(params: Mapping[str, Any]) -> _Test:
-    least = params["min"]
-    return lambda value: len(value) >= least
-
-
 def _max_length(params: Mapping[str, Any]) -> _Test:
     most = params["max"]
     return lambda value: len(value) <= most
@@ -147,15 +138,15 @@ def _one_of(params: Mapping[str, Any]) -> _Test:
 
 @dataclass(frozen=True)
 class _Check:
-    build: Callable[[Mapping[str, Any]], _Test]
+    build: Callable[[Mapping[str, Any]], _Test] | None  # None: checked inline by Engine.check
     params: Mapping[str, Callable[[Any, str], None]]  # name -> validator raising ConfigError
 
 
 #: The built-in checks, with their parameters and how each is validated.
 CHECKS: Mapping[str, _Check] = MappingProxyType(
     {
-        "required": _Check(_required, {}),
-        "min_length": _Check(_min_length, {"min": _non_negative_int}),
+        "required": _Check(None, {}),
+        "min_length": _Check(None, {"min": _non_negative_int}),
         "max_length": _Check(_max_length, {"max": _non_negative_int}),
         "pattern": _Check(_pattern, {"regex": _regex}),
         "email": _Check(_email, {}),
@@ -171,7 +162,8 @@ _HUGE_WIDTH = re.compile(r"\d{4}")
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    test: _Test
+    test: _Test | None  # None: a length check, done inline with `least`
+    least: int  # min_length's minimum; 0 for required (any present value passes)
     code: int
     field: str
     template: str
@@ -180,20 +172,39 @@ class _Rule:
     mask: Callable[[str], str]
 
 
+class _Field(NamedTuple):
+    """One field's rules: the first (for values that are not text), the first required one
+    (for a missing value), and those that test a present value, in order."""
+
+    name: str
+    first: _Rule
+    required: _Rule | None
+    tests: tuple[_Rule, ...]
+
+
 class Engine:
     """Compiled rules: ``check(item)`` returns the item's failures, at most one per field."""
 
     def __init__(self, specs: Sequence[RuleSpec], plan: Sequence[tuple[str, tuple[_Rule, ...]]]):
         self.specs = tuple(specs)
         self.fingerprint = fingerprint(self.specs)
-        self._plan = tuple(plan)
+        self._fields = tuple(
+            _Field(
+                field,
+                rules[0],
+                next((r for r in rules if r.required), None),
+                tuple(r for r in rules if not r.required),
+            )
+            for field, rules in plan
+        )
 
     def check(self, item: Mapping[str, Any]) -> list[Failure]:
         """Every failure of the item, in rule order; never raises for JSON values."""
         failures: list[Failure] = []
         get = item.get
-        for field, rules in self._plan:
-            raw = get(field)
+        # Runs for every message: length checks inline, no call per passing rule.
+        for field in self._fields:
+            raw = get(field.name)
             if type(raw) is str:  # the common case first, without a function call
                 value = raw.strip()
                 if value and not value.isascii():
@@ -203,16 +214,18 @@ class Engine:
             else:
                 value, label = _normalise_other(raw)
                 if label is not None:
-                    failures.append(_failure(rules[0], 0, label))
+                    failures.append(_failure(field.first, 0, label))
                     continue
-            for rule in rules:
-                if not value:
-                    if rule.required:
-                        failures.append(_failure(rule, 0, ""))
-                        break
-                elif not rule.test(value):
-                    failures.append(_failure(rule, len(value), rule.mask(value)))
-                    break
+            if not value:
+                if field.required is not None:
+                    failures.append(_failure(field.required, 0, ""))
+                continue
+            for rule in field.tests:
+                test = rule.test
+                if len(value) >= rule.least if test is None else test(value):
+                    continue
+                failures.append(_failure(rule, len(value), rule.mask(value)))
+                break
         return failures
 
     def __repr__(self) -> str:
@@ -365,8 +378,10 @@ def _static_context(spec: RuleSpec) -> dict[str, Any]:
 
 
 def _compile(spec: RuleSpec) -> _Rule:
+    build = CHECKS[spec.check].build
     return _Rule(
-        test=CHECKS[spec.check].build(spec.params),
+        test=None if build is None else build(spec.params),
+        least=spec.params["min"] if spec.check == "min_length" else 0,
         code=spec.code,
         field=spec.field,
         template=spec.message,

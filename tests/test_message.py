@@ -37,6 +37,11 @@ ENTRY = {
 }
 
 
+def stored(decoded: Decoded) -> object:
+    """What raw_items.data gets, parsed back."""
+    return orjson.loads(decoded.text)
+
+
 def error_of(decoded: Decoded) -> tuple[int, str] | None:
     return None if decoded.error is None else (decoded.error.code, decoded.error.message)
 
@@ -45,7 +50,7 @@ def test_a_well_formed_entry_gives_its_item_and_metadata():
     decoded = decode(ENTRY, LIMIT)
     assert decoded.error is None
     assert decoded.item == ITEM
-    assert decoded.data is decoded.item
+    assert decoded.text == ENTRY[b"data"].decode()
     assert decoded.source == "web_crawler"
     assert decoded.producer == "crawler_worker"
     assert decoded.batch_id == "batch_001"
@@ -118,13 +123,13 @@ def test_malformed_data_is_error_900_with_the_spec_message(data, expected):
 
 def test_a_refused_entry_keeps_its_text_as_raw():
     decoded = decode({b"data": b'[{"phone": "0123456789"}]'}, LIMIT)
-    assert decoded.data == {"_raw": '[{"phone": "0123456789"}]'}
+    assert stored(decoded) == {"_raw": '[{"phone": "0123456789"}]'}
 
 
 def test_a_missing_data_field_is_error_901():
     decoded = decode({b"Data": b"{}", b"source": b"api"}, LIMIT)
     assert error_of(decoded) == (MISSING_DATA, "Missing data field")
-    assert decoded.data == {"_raw": '{"Data":"{}","source":"api"}'}
+    assert stored(decoded) == {"_raw": '{"Data":"{}","source":"api"}'}
     assert decoded.source == "api"
 
 
@@ -137,8 +142,8 @@ def test_a_one_megabyte_payload_is_error_902():
     decoded = decode({b"data": payload}, LIMIT)
     size = len(b"data") + len(payload)
     assert error_of(decoded) == (TOO_LARGE, f"Message too large: {size} bytes, maximum 65536")
-    assert len(decoded.data["_raw"]) == 1000
-    assert decoded.data["_raw"].startswith('{"name":"xxx')
+    assert len(stored(decoded)["_raw"]) == 1000
+    assert stored(decoded)["_raw"].startswith('{"name":"xxx')
 
 
 def test_size_counts_every_key_and_value_in_bytes():
@@ -161,7 +166,7 @@ def test_ten_thousand_levels_of_nesting_is_error_900():
 
 def test_raw_text_keeps_at_most_a_thousand_characters_of_multibyte_text():
     payload = ("[" + '"ễ",' * 2000 + '"x"]').encode()
-    raw = decode({b"data": payload}, 10**6).data["_raw"]
+    raw = stored(decode({b"data": payload}, 10**6))["_raw"]
     assert len(raw) == 1000 and "\ufffd" not in raw
 
 
@@ -191,11 +196,24 @@ def test_a_nul_inside_a_string_is_replaced():
         {b"data": b'{"name": "A\\u0000B", "k\\u0000": ["\\u0000", {"x": "\\u0000"}]}'}, LIMIT
     )
     assert decoded.item == {"name": "A\ufffdB", "k\ufffd": ["\ufffd", {"x": "\ufffd"}]}
+    assert stored(decoded) == decoded.item
+
+
+def test_the_text_is_stored_as_sent_so_numbers_keep_their_digits():
+    text = b'{"amount": 0.10000000000000000555, "big": 123456789012345678901234567890,\n\t"n": 1}'
+    decoded = decode({b"data": text}, LIMIT)
+    assert decoded.error is None
+    assert decoded.text == text.decode()
+
+
+def test_mixed_bytes_and_str_values_decode_like_bytes():
+    mixed = {**ENTRY, b"producer": "crawler_worker", b"timestamp": "2024-06-08T00:13:03+07:00"}
+    assert decode(mixed, LIMIT) == decode(ENTRY, LIMIT)
 
 
 def test_a_nul_in_metadata_and_raw_text_is_replaced():
     decoded = decode({b"data": b"[\x00]", b"source": b"a\x00b", b"producer": b"\x00p"}, LIMIT)
-    assert decoded.data == {"_raw": "[\ufffd]"}
+    assert stored(decoded) == {"_raw": "[\ufffd]"}
     assert (decoded.source, decoded.producer) == ("a\ufffdb", "\ufffdp")
 
 
@@ -231,11 +249,13 @@ def test_decode_never_raises_and_gives_an_item_or_a_pipeline_error(fields):
     decoded = decode(fields, 256)
     if decoded.error is None:
         assert isinstance(decoded.item, dict)
-        assert decoded.data is decoded.item
+        assert isinstance(decoded.item, dict)
+        assert stored(decoded) == decoded.item
     else:
         assert decoded.item is None
         assert decoded.error.code in {900, 901, 902}
-        assert isinstance(decoded.data["_raw"], str) and len(decoded.data["_raw"]) <= 1000
+        raw = stored(decoded)["_raw"]
+        assert isinstance(raw, str) and len(raw) <= 1000
 
 
 @given(st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5))

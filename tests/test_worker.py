@@ -85,7 +85,8 @@ def test_every_message_gets_the_verdict_the_rules_give(make_config, redis_client
     for entry_id, fields in redis_client.xrange(names.stream):
         expected = verdict.judge(entry_id.decode(), fields, engine, 65536)
         status, code, errors, _ = got[entry_id.decode()]
-        assert (status, code, errors) == (expected.status, expected.error_code, expected.errors)
+        shown = [failure.as_dict() for failure in expected.errors]
+        assert (status, code, errors) == (expected.status, expected.error_code, shown)
     assert pending(redis_client, names.stream, names.group) == 0
 
 
