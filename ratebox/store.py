@@ -158,8 +158,8 @@ _COLUMNS = (
 )
 
 # A batch of first deliveries cannot meet an existing row (barring a replay or a foreign
-# writer), so it goes by COPY straight into raw_items: a third less PostgreSQL time per row
-# than staging it (bench: ``bench/pg_paths.py``). A batch that does meet one fails on the
+# writer), so it goes by COPY straight into raw_items: about a quarter less PostgreSQL CPU
+# per row than staging it (bench/pg_paths.py). A batch that does meet one fails on the
 # unique key as a whole, and takes the careful path below.
 _COPY = f"COPY raw_items ({_COLUMNS}) FROM STDIN"
 
