@@ -125,6 +125,27 @@ class TestSchema:
         with pytest.raises(psycopg2.errors.CheckViolation):
             rows(pg_schema_dsn, insert.replace("'done'", "'lost'").replace("1-0", "2-0"))
 
+    def test_time_range_queries_on_raw_items_use_the_brin_index(self, pg_schema_dsn):
+        rows(
+            pg_schema_dsn,
+            "INSERT INTO raw_items (data, status, stream_name, stream_id, processed_at)"
+            " SELECT '{}', 'done', 's', i::text, now() - i * interval '1 second'"
+            " FROM generate_series(1, 20000) AS i; ANALYZE raw_items",
+        )
+        indexes = rows(
+            pg_schema_dsn,
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'raw_items'"
+            " AND indexdef LIKE '%%(processed_at)'",
+        )
+        assert [(name, "USING brin" in sql) for name, sql in indexes] == [
+            ("raw_items_processed_at_brin", True)
+        ]
+        plan = rows(
+            pg_schema_dsn,
+            "EXPLAIN SELECT count(*) FROM raw_items WHERE processed_at < now() - interval '5 hours'",
+        )
+        assert any("raw_items_processed_at_brin" in line for (line,) in plan)
+
     def test_the_views_summarise_the_last_hour_of_metrics(self, pg_schema_dsn):
         rows(
             pg_schema_dsn,
