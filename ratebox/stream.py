@@ -35,6 +35,9 @@ def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
         **({} if url.startswith("unix://") else {"socket_keepalive": True}),
         health_check_interval=30,
     )
+    # XREADGROUP replies are parsed once, by _entries(), rather than first into redis-py's
+    # tuples and dicts and then again: about 1 µs less client CPU per entry read.
+    client.set_response_callback("XREADGROUP", _raw_reply)
     if check:
         try:
             client.ping()
@@ -67,15 +70,26 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
 
 
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
 def _entries(reply: Any) -> list[Entry]:
+    """XREADGROUP's reply as [(id, fields)]: raw (clients from connect()) or redis-py's shape."""
     out: list[Entry] = []
     if not reply:
         return out
-    # RESP2 list of [stream, entries] or RESP3 dict {stream: [entries]}.
+    # RESP3 map {stream: entries} or RESP2 list of [stream, entries].
     streams = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
     for entries in streams:
+        if entries and type(entries[0][0]) is tuple:  # redis-py's RESP3 shape: [[(id, f), ...]]
+            entries = entries[0]
         for entry_id, fields in entries:
-            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            key = entry_id.decode() if type(entry_id) is bytes else entry_id
+            if type(fields) is list:  # raw: field, value, field, value, ...
+                pairs = iter(fields)
+                fields = dict(zip(pairs, pairs, strict=False))  # one iterator: pairs
+            # No fields: a pending entry whose payload was trimmed or deleted.
             out.append((key, fields or {}))
     return out
 
