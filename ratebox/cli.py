@@ -151,7 +151,13 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("path", metavar="PATH")
     sub.add_parser("info", help="stream length, first/last entry, groups, pending")
     args = p.parse_args(argv)
-    settings, redis_url, _ = settings_and_servers(args, "producer", need_pg=False)
+    settings = config.load(args.config)
+    log.setup("producer", args.log_level)
+    # Only an embedded Redis needs the embedded module (and the PostgreSQL driver it imports):
+    # the producer's start-up counts in its throughput.
+    redis_url = settings.redis.url
+    if redis_url == "embedded":
+        redis_url, _ = servers(settings, need_pg=False)
     from ratebox import producer, stream
 
     client = stream.connect(redis_url)

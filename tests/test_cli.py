@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,9 +107,31 @@ def test_producer_publishes_and_info_reports_it(make_config, redis_client, names
     _, path = make_config()
     result = run("producer", "-c", str(path), "produce", "2500")
     assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        rf"published 2500 messages to {names.stream} in \d+\.\d\d s \([\d,]+/s\)\n", result.stdout
+    )
     assert redis_client.xlen(names.stream) == 2500
     info = run("producer", "-c", str(path), "info")
     assert f"stream {names.stream}: length 2500" in info.stdout
+
+
+def test_producer_on_a_real_redis_loads_neither_postgres_nor_the_embedded_servers(
+    tmp_path: Path, redis_url: str, names
+) -> None:
+    # Its start-up counts in its throughput (README, Performance).
+    path = tmp_path / "ratebox.yaml"
+    path.write_text(f"redis:\n  url: {redis_url}\nstream:\n  name: {names.stream}\n")
+    code = (
+        "import sys; from ratebox.cli import main_producer; "
+        f"assert main_producer(['-c', {str(path)!r}, 'produce', '10']) == 0; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('psycopg2', 'rich', 'psutil', 'prometheus_client') or m == 'ratebox.embedded'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_producer_file_publishes_one_entry_per_line(
