@@ -134,8 +134,8 @@ class TestSchema:
         )
         indexes = rows(
             pg_schema_dsn,
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'raw_items'"
-            " AND indexdef LIKE '%%(processed_at)'",
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND tablename = 'raw_items' AND indexdef LIKE '%%(processed_at)'",
         )
         assert [(name, "USING brin" in sql) for name, sql in indexes] == [
             ("raw_items_processed_at_brin", True)
