@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -116,6 +117,7 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
     _proctitle(f"worker {name}")
     log.setup(f"worker {name}", args.log_level)
     redis_url, dsn = servers(settings)
+    _refuse_if_supervised(settings, name, redis_url)
     if settings.postgres.migrate_on_start:
         from ratebox import migrate
 
@@ -123,6 +125,24 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
     from ratebox import worker
 
     return worker.run(settings, name, redis_url, dsn)
+
+
+def _refuse_if_supervised(settings: config.Settings, name: str, redis_url: str) -> None:
+    """A name of a prefix whose lease a supervisor holds is that supervisor's to run."""
+    prefix = settings.consumer_name(1).rsplit("_", 1)[0]
+    if not re.fullmatch(rf"{re.escape(prefix)}_[0-9]+", name):
+        return
+    from ratebox import stream
+
+    client = stream.connect_quick(redis_url)
+    try:
+        holder = stream.lease_holder(client, settings.lease_key())
+    finally:
+        client.close()
+    if holder is not None:
+        raise RateboxError(
+            f"{settings.lease_refusal(holder.rsplit(':', 1)[0])}: not starting {name}"
+        )
 
 
 @guarded
@@ -389,7 +409,19 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--status", metavar="FILE", help="supervisor status file (default: the one it writes)"
     )
+    p.add_argument(
+        "--metrics",
+        nargs="?",
+        const=True,
+        default=None,
+        type=config.listen_address,
+        metavar="HOST:PORT",
+        help="continuous only: also serve /metrics, on HOST:PORT or on monitor.metrics_listen "
+        "(off by default: the supervisor's monitor serves it)",
+    )
     args = p.parse_args(argv)
+    if args.metrics is not None and args.mode != "continuous":
+        raise UsageError("ratebox-monitor: --metrics needs continuous SECONDS")
     if args.mode == "continuous" and args.seconds is None:
         raise UsageError(
             "ratebox-monitor continuous: give the refresh interval in SECONDS (see --help)"
@@ -401,7 +433,13 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
     if args.mode == "continuous":
         _proctitle("monitor")
         return monitor.run(
-            settings, redis_url, dsn, status_path=status, refresh_s=args.seconds, as_json=args.json
+            settings,
+            redis_url,
+            dsn,
+            status_path=status,
+            refresh_s=args.seconds,
+            as_json=args.json,
+            metrics_listen=args.metrics,
         )
     snap = monitor.report(settings, redis_url, dsn, status)
     if args.json:

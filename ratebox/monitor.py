@@ -337,6 +337,7 @@ class Monitor(Role):
         live: bool | None = None,
         refresh_s: float | None = None,
         as_json: bool = False,
+        metrics_listen: str | bool | None = True,
     ) -> None:
         super().__init__(beat, parent_pid)
         self.settings = settings
@@ -346,6 +347,10 @@ class Monitor(Role):
         self.live = live
         self.refresh_s = refresh_s or settings.monitor.refresh_s
         self.as_json = as_json
+        # True: the configured monitor.metrics_listen (the supervisor's child); None: none.
+        self.metrics_listen = (
+            settings.monitor.metrics_listen if metrics_listen is True else metrics_listen or None
+        )
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
         self._redis: redis.Redis | None = None
@@ -413,7 +418,7 @@ class Monitor(Role):
     # -- helpers ---------------------------------------------------------------------------
 
     def _serve_metrics(self) -> None:
-        listen = self.settings.monitor.metrics_listen
+        listen = self.metrics_listen
         if not listen:
             return
         host, _, port = listen.rpartition(":")

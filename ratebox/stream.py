@@ -630,6 +630,12 @@ def take_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> str |
     return current_text
 
 
+def lease_holder(client: redis.Redis, key: str) -> str | None:
+    """Who holds the lease (host:pid:random), or None."""
+    value = client.get(key)
+    return None if value is None else _id(value)
+
+
 def refresh_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
     """Extend the lease if we still hold it; False when it expired or belongs to another."""
     return bool(client.eval(_LEASE_REFRESH, 1, key, holder, ttl_ms))

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -148,3 +149,20 @@ def test_producer_file_publishes_one_entry_per_line(
         b"not json",
         b"[1]",
     ]
+
+
+def test_a_standalone_worker_refuses_names_a_supervisors_lease_covers(
+    make_config: Any, redis_client: Any
+) -> None:
+    settings, path = make_config()
+    # What a running supervisor on another host holds (host:pid:random).
+    redis_client.set(settings.lease_key(), "vm-7:4242:0123456789ab", px=60_000)
+    try:
+        result = run("worker", "-c", str(path), timeout=60)
+    finally:
+        redis_client.delete(settings.lease_key())
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "another supervisor (vm-7:4242) runs consumers worker_*" in lines[0]
+    assert "not starting worker_001" in lines[0]

@@ -543,7 +543,7 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
     log_path = tmp_path / "monitor.log"
     with open(log_path, "wb") as log:
         child = subprocess.Popen(
-            [*MONITOR, "-c", str(path), "continuous", "0.5"],
+            [*MONITOR, "-c", str(path), "continuous", "0.5", "--metrics"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -589,3 +589,35 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
     assert len(lines) >= 2, logged
     assert "[monitor] stream " in lines[0] and f"pending={HELD}" in lines[0]
     assert_no_personal_data([logged, text], published_values(redis_client, names.stream))
+
+
+def test_a_standalone_monitor_leaves_the_supervisors_metrics_port_alone(
+    filled, names, redis_url, pg_schema_dsn, tmp_path
+) -> None:
+    # The supervisor's monitor holds the configured port; a second monitor must not fight it.
+    with closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(
+            tmp_path, redis_url, pg_schema_dsn, names, metrics_listen=f"127.0.0.1:{port}"
+        )
+        log_path = tmp_path / "monitor.log"
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(
+                [*MONITOR, "-c", str(path), "continuous", "0.5"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=server_free_environ(),
+            )
+        try:
+            wait_for(lambda: "len=" in log_path.read_text())
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(timeout=15) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    logged = log_path.read_text()
+    assert "/metrics" not in logged and "ERROR" not in logged, logged
