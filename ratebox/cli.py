@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ratebox import config, log
+from ratebox import __version__, config, log
 from ratebox.errors import EXIT_OK, RateboxError, UsageError
 
 
@@ -38,8 +38,13 @@ def parser(prog: str, description: str) -> Parser:
         help="YAML topology (default ./ratebox.yaml)",
     )
     p.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="least severe log lines written to stderr (default INFO)",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -163,12 +168,19 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     p = parser("ratebox-producer", main_producer.__doc__ or "")
     sub = p.add_subparsers(dest="mode", required=True, parser_class=Parser)
     sp = sub.add_parser("produce", help="publish N messages, DELAY seconds apart (0: pipelined)")
-    sp.add_argument("n", type=_positive_int, metavar="N")
-    sp.add_argument("delay", type=_non_negative_float, nargs="?", default=0.0, metavar="DELAY")
+    sp.add_argument("n", type=_positive_int, metavar="N", help="how many messages to publish")
+    sp.add_argument(
+        "delay",
+        type=_non_negative_float,
+        nargs="?",
+        default=0.0,
+        metavar="DELAY",
+        help="seconds between messages (default 0: pipelined, 1,000 per round trip)",
+    )
     sp = sub.add_parser("continuous", help="publish RATE messages/second until interrupted")
-    sp.add_argument("rate", type=_positive_float, metavar="RATE")
+    sp.add_argument("rate", type=_positive_float, metavar="RATE", help="messages per second")
     sp = sub.add_parser("file", help="one message per JSON line of PATH (- = stdin)")
-    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("path", metavar="PATH", help="a file of JSON objects, one a line; - for stdin")
     sub.add_parser("info", help="stream length, first/last entry, groups, pending")
     args = p.parse_args(argv)
     settings = config.load(args.config)

@@ -166,3 +166,20 @@ def test_a_standalone_worker_refuses_names_a_supervisors_lease_covers(
     assert len(lines) == 1, result.stderr
     assert "another supervisor (vm-7:4242) runs consumers worker_*" in lines[0]
     assert "not starting worker_001" in lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_version_and_describes_its_options(command: str) -> None:
+    from ratebox import __version__
+
+    result = run(command, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ratebox-{command} {__version__}"
+    shown = run(command, "--help").stdout
+    assert "least severe log lines" in shown
+
+
+def test_produce_help_describes_its_arguments() -> None:
+    shown = run("producer", "produce", "--help").stdout
+    assert "how many messages to publish" in shown
+    assert "seconds between messages" in shown
