@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import signal
@@ -67,23 +68,46 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     return wrapper
 
 
-def servers(settings: config.Settings, need_pg: bool = True) -> tuple[str, str]:
-    """The Redis URL and DSN to use, ``embedded`` resolved to running servers."""
+def servers(
+    settings: config.Settings,
+    need_pg: bool = True,
+    need_redis: bool = True,
+    config_path: str = "ratebox.yaml",
+) -> tuple[str, str]:
+    """The Redis URL and DSN to use, ``embedded`` resolved to running servers.
+
+    A command other than the supervisor leaves the servers it started running (the next
+    command needs them) and says so when it ends, with the command that stops them.
+    """
     from ratebox import embedded
 
-    redis_url, dsn, _ = embedded.resolve(
-        settings.redis.url, settings.postgres.dsn if need_pg else "unused", settings.embedded.dir
+    redis_url, dsn, started = embedded.resolve(
+        settings.redis.url if need_redis else "unused",
+        settings.postgres.dsn if need_pg else "unused",
+        settings.embedded.dir,
     )
+    if started:
+        atexit.register(_say_left_running, started, settings.embedded.dir, config_path)
     return redis_url, dsn
 
 
+def _say_left_running(started: list[str], var_dir: str, config_path: str) -> None:
+    names = " and ".join({"redis": "Redis", "postgres": "PostgreSQL"}[n] for n in started)
+    command = os.path.join(os.path.dirname(sys.argv[0]), "ratebox-embedded")
+    print(
+        f"note: the embedded {names} started for this command keep running "
+        f"(data in {os.path.abspath(var_dir)}); stop with: {command} -c {config_path} stop",
+        file=sys.stderr,
+    )
+
+
 def settings_and_servers(
-    args: argparse.Namespace, title: str, need_pg: bool = True
+    args: argparse.Namespace, title: str, need_pg: bool = True, need_redis: bool = True
 ) -> tuple[config.Settings, str, str]:
     """Load the configuration, set up logging, and resolve ``embedded`` to running servers."""
     settings = config.load(args.config)
     log.setup(title, args.log_level)
-    return settings, *servers(settings, need_pg)
+    return settings, *servers(settings, need_pg, need_redis, args.config)
 
 
 def _proctitle(title: str) -> None:
@@ -121,7 +145,7 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"CONSUMER_NAME: {exc}") from None
     _proctitle(f"worker {name}")
     log.setup(f"worker {name}", args.log_level)
-    redis_url, dsn = servers(settings)
+    redis_url, dsn = servers(settings, config_path=args.config)
     _refuse_if_supervised(settings, name, redis_url)
     if settings.postgres.migrate_on_start:
         from ratebox import migrate
@@ -151,10 +175,36 @@ def _refuse_if_supervised(settings: config.Settings, name: str, redis_url: str) 
 
 
 @guarded
+def main_embedded(argv: Sequence[str] | None = None) -> int:
+    """Status of the embedded Redis and PostgreSQL of embedded.dir, or stop them."""
+    p = parser("ratebox-embedded", main_embedded.__doc__ or "")
+    p.add_argument(
+        "action", choices=["status", "stop"], help="status: what runs; stop: stop both servers"
+    )
+    args = p.parse_args(argv)
+    settings = config.load(args.config)
+    log.setup("embedded", args.log_level)
+    from ratebox import embedded
+
+    var = os.path.abspath(settings.embedded.dir)
+    pids = embedded.running(var)
+    titles = {"redis": "Redis", "postgres": "PostgreSQL"}
+    if args.action == "stop":
+        embedded.stop([name for name, pid in pids.items() if pid is not None], var)
+    for name, pid in pids.items():
+        if pid is None:
+            state = "not running"
+        else:
+            state = f"stopped (was pid {pid})" if args.action == "stop" else f"running, pid {pid}"
+        print(f"embedded {titles[name]} of {var}: {state}")
+    return EXIT_OK
+
+
+@guarded
 def main_migrate(argv: Sequence[str] | None = None) -> int:
     """Apply pending migrations from schema/; safe to run twice or concurrently."""
     args = parser("ratebox-migrate", main_migrate.__doc__ or "").parse_args(argv)
-    _, _, dsn = settings_and_servers(args, "migrate")
+    _, _, dsn = settings_and_servers(args, "migrate", need_redis=False)
     from ratebox import migrate
 
     applied = migrate.run(dsn)
@@ -189,7 +239,7 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     # the producer's start-up counts in its throughput.
     redis_url = settings.redis.url
     if redis_url == "embedded":
-        redis_url, _ = servers(settings, need_pg=False)
+        redis_url, _ = servers(settings, need_pg=False, config_path=args.config)
     from ratebox import producer, stream
 
     client = stream.connect(redis_url)

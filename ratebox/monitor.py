@@ -87,6 +87,7 @@ def collect(
     *,
     sampler: ProcessSampler | None = None,
     pg_error: str | None = None,
+    lag_counter: stream.LagCounter | None = None,
 ) -> Snapshot:
     """Every figure of SPEC §8 as JSON-ready data; a server that fails marks its sections unavailable."""
     started = time.perf_counter()
@@ -110,7 +111,7 @@ def collect(
     try:
         if redis_client is None:
             raise ConnectionError("not connected")
-        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings)
+        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings, lag_counter)
         snap["servers"]["redis"] = {"available": True, "error": None}
     # A dashboard shows whatever it cannot read as unavailable, whatever the reason.
     except Exception as exc:
@@ -154,7 +155,9 @@ def report(
             store.close(conn)
 
 
-def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, list[Snapshot]]:
+def _redis_figures(
+    client: redis.Redis, settings: Settings, lag_counter: stream.LagCounter | None = None
+) -> tuple[Snapshot, list[Snapshot]]:
     name, dead = settings.stream.name, settings.stream.dead_letter
     info = stream.stream_info(client, name)
     figures: Snapshot = {
@@ -180,7 +183,7 @@ def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, l
     groups = []
     for group in stream.groups(client, name):
         group_name = _text(group["name"]) or ""
-        lag, how = stream.group_lag(client, name, group, info)
+        lag, how = stream.group_lag(client, name, group, info, lag_counter)
         groups.append(
             {
                 "name": group_name,
@@ -353,6 +356,7 @@ class Monitor(Role):
         )
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
+        self.lag_counter = stream.LagCounter()
         self._redis: redis.Redis | None = None
         self._pg: Any = None
         self._pg_error: str | None = None
@@ -387,6 +391,7 @@ class Monitor(Role):
             self.status_path,
             sampler=self.sampler,
             pg_error=self._pg_error,
+            lag_counter=self.lag_counter,
         )
         self.latest = snap
         self._note_outages(snap)

@@ -584,6 +584,13 @@ class Supervisor:
             except Exception as exc:
                 log.error("cannot stop the embedded servers: %s", exc)
             self.servers_started = []
+        elif "embedded" in (self.settings.redis.url, self.settings.postgres.dsn):
+            # Found running (another command started them): theirs to stop, but say so.
+            log.info(
+                "the embedded servers of %s were running before this supervisor and stay up;"
+                " stop them with: ratebox-embedded -c FILE stop",
+                os.path.abspath(self.settings.embedded.dir),
+            )
         if self.pipe is not None:
             signal.set_wakeup_fd(-1)
             for fd in self.pipe:
