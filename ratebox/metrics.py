@@ -94,8 +94,8 @@ def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     yield _gauge(
         "ratebox_group_lag_estimated",
-        "1 when ratebox_group_lag is an estimate (Redis before 7, backlog too long to count)",
-        [([*s, g["name"]], 1.0 if g["lag_source"] == "estimate" else 0.0) for g in groups],
+        "1 when ratebox_group_lag is missing: the server reports no lag and the backlog is too long to count",
+        [([*s, g["name"]], 1.0 if g["lag_source"] == "unknown" else 0.0) for g in groups],
         labels,
     )
     per_consumer = [(g["name"], c) for g in groups for c in g["consumer_list"]]

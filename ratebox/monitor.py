@@ -188,6 +188,8 @@ def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, l
                 "pending": int(group.get("pending", 0)),
                 "lag": lag,
                 "lag_source": how,
+                # An unknown lag is still known to exceed what was counted.
+                "lag_at_least": stream.LAG_COUNT_LIMIT + 1 if lag is None else lag,
                 "last_delivered": _text(group.get("last-delivered-id")),
                 "consumer_list": [
                     {

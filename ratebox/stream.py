@@ -351,10 +351,10 @@ def consumers(client: redis.Redis, stream: str, group: str) -> list[dict[str, An
 
 
 # -- monitor ----------------------------------------------------------------------------------
-# Read-only figures for ratebox.monitor. Redis 6.2 (the embedded server) reports no group
-# `lag`, so it is derived here, and every lag says whether it was read, counted or estimated.
+# Read-only figures for ratebox.monitor. Redis before 7 (and Redis 7 after deletions) reports
+# no group `lag`, so it is counted here up to a limit, and every lag says how it was had.
 
-#: Entries counted server-side before the lag is estimated from ID timestamps instead: counting
+#: Entries counted server-side before the lag is reported unknown instead: counting
 #: is O(n) inside Redis, and a monitor must not stall the server behind a backlog of millions.
 LAG_COUNT_LIMIT = 10_000
 
@@ -387,7 +387,10 @@ def _key(entry_id: str) -> tuple[int, int]:
 def group_lag(
     client: redis.Redis, stream: str, group: Mapping[str, Any], info: Mapping[str, Any]
 ) -> tuple[int | None, str]:
-    """Entries never delivered to the group, and how the figure was had: read, counted or estimate."""
+    """Entries never delivered to the group, and how the figure was had: read or counted.
+
+    (None, "unknown") when the server reports no lag and more than LAG_COUNT_LIMIT are queued.
+    """
     lag = group.get("lag")
     if lag is not None:
         return int(lag), "read"
@@ -408,10 +411,9 @@ def group_lag(
     counted = int(client.eval(_COUNT_AFTER, 1, stream, "(" + delivered, LAG_COUNT_LIMIT + 1))
     if counted <= LAG_COUNT_LIMIT:
         return counted, "counted"
-    # Too many to count: the share of the stream's time span after the last delivered ID.
-    span = max(_key(last_id)[0] - _key(first_id)[0], 1)
-    share = (_key(last_id)[0] - _key(delivered)[0]) / span
-    return max(int(size * share), counted), "estimate"
+    # Too many to count cheaply. Entry IDs say nothing reliable about how many entries lie
+    # between two of them (bursts, older retained entries), so no figure rather than a wrong one.
+    return None, "unknown"
 
 
 # -- end of monitor ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from ratebox import config, monitor, producer, store, stream
+from ratebox import config, dashboard, monitor, producer, store, stream
 from ratebox.config import Settings
 from ratebox.metrics import registry_for
 from ratebox.worker import Worker
@@ -240,7 +240,7 @@ def test_the_report_shows_what_was_published_and_processed(
     json.dumps(snap)  # the snapshot is the JSON report: it must encode as it is
 
 
-def test_lag_without_a_lag_field_is_counted_or_else_estimated(
+def test_lag_without_a_lag_field_is_counted_or_else_unknown(
     names, redis_client, monkeypatch
 ) -> None:
     producer.produce(redis_client, names.stream, 100)
@@ -253,8 +253,32 @@ def test_lag_without_a_lag_field_is_counted_or_else_estimated(
     old_reply = {k: v for k, v in group.items() if k not in ("lag", "entries-read")}
     assert stream.group_lag(redis_client, names.stream, old_reply, info) == (70, "counted")
     monkeypatch.setattr(stream, "LAG_COUNT_LIMIT", 10)
-    lag, how = stream.group_lag(redis_client, names.stream, old_reply, info)
-    assert how == "estimate" and lag is not None and lag >= 11
+    assert stream.group_lag(redis_client, names.stream, old_reply, info) == (None, "unknown")
+
+
+def test_a_lag_the_server_cannot_tell_is_counted_or_unknown_never_guessed(
+    names, redis_client, make_config, monkeypatch
+) -> None:
+    """A deletion after the group's position makes Redis 7 and Valkey answer a nil lag."""
+    producer.produce(redis_client, names.stream, 100)
+    stream.ensure_group(redis_client, names.stream, names.group)
+    stream.read(redis_client, names.stream, names.group, "worker_001", 30)
+    tail = redis_client.xrange(names.stream, "-", "+", count=60)
+    redis_client.xdel(names.stream, tail[-1][0])
+    info = stream.stream_info(redis_client, names.stream)
+    assert info is not None
+    (group,) = stream.groups(redis_client, names.stream)
+    if "lag" in group:  # Redis 7 and later: the deletion leaves the server without a lag
+        assert group["lag"] is None
+    assert stream.group_lag(redis_client, names.stream, group, info) == (69, "counted")
+    monkeypatch.setattr(stream, "LAG_COUNT_LIMIT", 10)
+    assert stream.group_lag(redis_client, names.stream, group, info) == (None, "unknown")
+    settings, _ = make_config()
+    snap = monitor.collect(settings, redis_client, None)
+    (seen,) = snap["groups"]
+    assert (seen["lag"], seen["lag_source"], seen["lag_at_least"]) == (None, "unknown", 11)
+    assert dashboard.lag_text(seen) == ">10"
+    assert "lag=>10 " in dashboard.snapshot_line(snap) + " "
 
 
 def test_the_process_tree_comes_from_the_status_file_with_cpu_and_memory(
