@@ -170,8 +170,6 @@ def _database_table(snap: Snapshot, compact: bool = False) -> RenderableType:
     grid.add_row("dead-lettered", _num(t["dead_lettered"]))
     if not compact:
         grid.add_row("processed", _num(db["processed"]))
-        estimate = db["rows_estimate"]
-        grid.add_row("raw_items rows", "-" if estimate is None else f"~{estimate:,}")
     return grid
 
 

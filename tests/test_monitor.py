@@ -240,6 +240,24 @@ def test_the_report_shows_what_was_published_and_processed(
     json.dumps(snap)  # the snapshot is the JSON report: it must encode as it is
 
 
+def test_the_database_section_gives_one_exact_row_figure_and_no_estimate(
+    filled, redis_client, pg_schema_dsn
+) -> None:
+    """'processed' counts this stream's rows exactly; a planner estimate beside it disagreed."""
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM raw_items")
+            (rows,) = cur.fetchone()
+    finally:
+        conn.close()
+    assert snap["database"]["processed"] == rows == FIRST + SECOND
+    assert set(snap["database"]) == {"totals", "processed"}
+    text = as_text(monitor.render(snap))
+    assert "raw_items rows" not in text and f"{rows:,}" in text
+
+
 def test_lag_without_a_lag_field_is_counted_or_else_unknown(
     names, redis_client, monkeypatch
 ) -> None:
