@@ -96,7 +96,9 @@ def _header(snap: Snapshot) -> Text:
     )
     for name, server in snap["servers"].items():
         ok = server["available"]
-        text.append(f" {name} ", style="black on green" if ok else "white on red")
+        # Words as well as colour: piped output and colour-blind readers see no colour.
+        label = f" {name} up " if ok else f" {name} DOWN "
+        text.append(label, style="black on green" if ok else "white on red")
         text.append(" ")
     return text
 

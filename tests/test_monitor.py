@@ -258,6 +258,13 @@ def test_the_database_section_gives_one_exact_row_figure_and_no_estimate(
     assert "raw_items rows" not in text and f"{rows:,}" in text
 
 
+def test_server_state_is_told_in_words_not_only_colour(filled, redis_client) -> None:
+    snap = monitor.collect(filled, redis_client, None, pg_error="connection refused")
+    text = as_text(monitor.render(snap))
+    header = text.splitlines()[0]
+    assert "redis up" in header and "postgres DOWN" in header
+
+
 def test_lag_without_a_lag_field_is_counted_or_else_unknown(
     names, redis_client, monkeypatch
 ) -> None:
