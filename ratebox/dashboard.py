@@ -95,7 +95,9 @@ def _header(snap: Snapshot) -> Text:
     )
     for name, server in snap["servers"].items():
         ok = server["available"]
-        text.append(f" {name} ", style="black on green" if ok else "white on red")
+        # Words as well as colour: piped output and colour-blind readers see no colour.
+        label = f" {name} up " if ok else f" {name} DOWN "
+        text.append(label, style="black on green" if ok else "white on red")
         text.append(" ")
     return text
 
@@ -169,8 +171,6 @@ def _database_table(snap: Snapshot, compact: bool = False) -> RenderableType:
     grid.add_row("dead-lettered", _num(t["dead_lettered"]))
     if not compact:
         grid.add_row("processed", _num(db["processed"]))
-        estimate = db["rows_estimate"]
-        grid.add_row("raw_items rows", "-" if estimate is None else f"~{estimate:,}")
     return grid
 
 

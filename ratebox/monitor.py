@@ -213,7 +213,6 @@ def _database_sections(figures: Mapping[str, Any]) -> Snapshot:
         "database": {
             "totals": figures["totals"],
             "processed": figures["totals"]["processed"],
-            "rows_estimate": figures["rows_estimate"],
         },
         "consumer_performance": [
             {

@@ -240,6 +240,31 @@ def test_the_report_shows_what_was_published_and_processed(
     json.dumps(snap)  # the snapshot is the JSON report: it must encode as it is
 
 
+def test_the_database_section_gives_one_exact_row_figure_and_no_estimate(
+    filled, redis_client, pg_schema_dsn
+) -> None:
+    """'processed' counts this stream's rows exactly; a planner estimate beside it disagreed."""
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM raw_items")
+            (rows,) = cur.fetchone()
+    finally:
+        conn.close()
+    assert snap["database"]["processed"] == rows == FIRST + SECOND
+    assert set(snap["database"]) == {"totals", "processed"}
+    text = as_text(monitor.render(snap))
+    assert "raw_items rows" not in text and f"{rows:,}" in text
+
+
+def test_server_state_is_told_in_words_not_only_colour(filled, redis_client) -> None:
+    snap = monitor.collect(filled, redis_client, None, pg_error="connection refused")
+    text = as_text(monitor.render(snap))
+    header = text.splitlines()[0]
+    assert "redis up" in header and "postgres DOWN" in header
+
+
 def _deliver_and_ack(client: redis.Redis, names: Any, n: int) -> None:
     """n entries delivered to worker_001 and acknowledged, as a worker would."""
     while n > 0:
