@@ -13,11 +13,12 @@ from datetime import datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from ratebox import buckets, message, verdict
+from ratebox import buckets, message, privileges, verdict
 from ratebox.errors import ConfigError, RateboxError, ServerUnavailable
 from ratebox.verdict import Row
 
@@ -356,6 +357,8 @@ def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
             return _copy_all(conn, consumer, rows)
         except OUTAGE_ERRORS:
             raise
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise _permission(conn, exc) from None
         except psycopg2.Error:
             conn.rollback()  # a row exists already, or one is refused: the careful path sorts it
     return _write_careful(conn, consumer, rows)
@@ -366,6 +369,9 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         return _insert_new(conn, consumer, rows)
     except OUTAGE_ERRORS:
         raise
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        # The role's fault, not the rows': never recorded as code 903.
+        raise _permission(conn, exc) from None
     except psycopg2.Error as exc:
         conn.rollback()
         if len(rows) == 1:
@@ -375,6 +381,11 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         return _write_careful(conn, consumer, rows[:middle]) + _write_careful(
             conn, consumer, rows[middle:]
         )
+
+
+def _permission(conn: Any, exc: psycopg2.Error) -> privileges.PermissionMissing:
+    conn.rollback()
+    return privileges.PermissionMissing(privileges.postgres_line(exc.pgerror or str(exc)))
 
 
 def register_consumer(conn: Any, consumer: Consumer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -19,7 +21,7 @@ import yaml
 from psycopg2.extensions import make_dsn
 from test_supervisor import Running, pending, row_count, titles, wait_for
 
-from ratebox import migrate, producer
+from ratebox import migrate, privileges, producer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -114,3 +116,81 @@ def test_the_pipeline_runs_with_the_worker_role_and_acl_user_and_kills_lose_noth
         assert "NOPERM" not in log and "permission denied" not in log, log
     finally:
         sup.stop()
+
+
+def test_the_worker_role_runs_no_ddl_and_the_acl_user_reaches_no_other_key(
+    access: Access, names
+) -> None:
+    with closing(psycopg2.connect(access.worker_dsn)) as conn, conn.cursor() as cur:
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("CREATE TABLE sneaky (id int)")
+        conn.rollback()
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("DELETE FROM raw_items")
+    client = redis.Redis.from_url(access.redis_url)
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.get(f"other_{names.suffix}")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command("FLUSHALL")
+        assert client.xlen(names.stream) == 0
+    finally:
+        client.close()
+
+
+def test_a_missing_grant_is_one_line_naming_the_privilege(
+    access: Access, names, redis_client: redis.Redis, postgres_dsn: str, tmp_path: Path
+) -> None:
+    worker = psycopg2.extensions.parse_dsn(access.worker_dsn)["user"]
+    _run(postgres_dsn, f'REVOKE INSERT ON "{names.schema}".raw_items FROM "{worker}"')
+    path = write_config(tmp_path / "ratebox.yaml", access, names)
+    producer.produce(redis_client, names.stream, 3)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bin" / "ratebox-worker"), "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_DSN")},
+    )
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].endswith(
+        "permission denied for table raw_items: GRANT SELECT, INSERT, UPDATE ON raw_items"
+        " TO the worker role (deploy/postgres-grants.sql)"
+    ), done.stderr
+    # Nothing was recorded as the rows' fault (code 903), and the entries wait their turn.
+    assert redis_client.xpending(names.stream, names.group)["pending"] == 3
+
+
+def test_a_command_missing_from_the_acl_is_one_line_naming_it(
+    access: Access, names, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    user = f"rb_{names.suffix}"
+    redis_client.execute_command("ACL", "SETUSER", user, "-xack")
+    path = write_config(tmp_path / "ratebox.yaml", access, names)
+    producer.produce(redis_client, names.stream, 3)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bin" / "ratebox-worker"), "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_DSN")},
+    )
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    # Redis versions word it differently; each names the command.
+    assert lines[-1].startswith("error: Redis refused: NOPERM "), done.stderr
+    assert "'xack' command" in lines[-1] and lines[-1].endswith("(deploy/redis.acl)")
+
+
+def test_refusals_name_the_grant_or_the_acl_and_other_errors_pass() -> None:
+    assert privileges.postgres_line("permission denied for sequence raw_items_id_seq\n") == (
+        "permission denied for sequence raw_items_id_seq: GRANT USAGE ON SEQUENCE"
+        " raw_items_id_seq TO the worker role (deploy/postgres-grants.sql)"
+    )
+    line = privileges.postgres_line('permission denied to create temporary tables in database "v"')
+    assert "GRANT TEMPORARY ON DATABASE v TO" in line
+    assert "GRANT USAGE ON SCHEMA s TO" in privileges.postgres_line(
+        "permission denied for schema s"
+    )
+    assert privileges.refused(ValueError("x")) is None
