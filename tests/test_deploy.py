@@ -142,7 +142,7 @@ def served(names, redis_client, redis_url, pg_schema_dsn, tmp_path) -> set[str]:
         tmp_path, redis_url, pg_schema_dsn, names, metrics_listen=f"127.0.0.1:{port}"
     )
     monitor = subprocess.Popen(
-        [*MONITOR, "-c", str(path), "continuous", "0.5", "--status", str(status)],
+        [*MONITOR, "-c", str(path), "continuous", "0.5", "--metrics", "--status", str(status)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
