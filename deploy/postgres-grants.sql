@@ -1,5 +1,5 @@
--- What ratebox_worker may do, table by table: run as a superuser or as ratebox_migrate after
--- bin/ratebox-migrate (and again after every migration that adds a table):
+-- What ratebox_worker may do, table by table: run as a superuser (TEMPORARY on the database
+-- needs its owner) after bin/ratebox-migrate, and again after every migration adding a table:
 --     psql -v ON_ERROR_STOP=1 -d validator -f deploy/postgres-grants.sql
 SET search_path = ratebox;
 GRANT USAGE ON SCHEMA ratebox TO ratebox_worker;
