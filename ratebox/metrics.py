@@ -8,10 +8,12 @@ from typing import Any
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from ratebox import buckets
 
 Snapshot = dict[str, Any]
 
@@ -87,6 +89,12 @@ def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:
         labels,
     )
     yield _gauge(
+        "ratebox_group_oldest_pending_seconds",
+        "Age of the group's oldest unacknowledged entry (since Redis added it); 0 when none",
+        [([*s, g["name"]], g["oldest_pending_s"]) for g in groups],
+        labels,
+    )
+    yield _gauge(
         "ratebox_group_lag",
         "Entries not yet delivered to the group",
         [([*s, g["name"]], g["lag"]) for g in groups if g["lag"] is not None],
@@ -132,14 +140,18 @@ def _database_metrics(snap: Snapshot) -> Iterator[Metric]:
         ("dead_lettered", "Entries given up after max_retries deliveries (code 910)"),
     ):
         yield _counter(f"ratebox_{key}", doc, [([c["name"]], c[key]) for c in perf], ["consumer"])
-    # Only totals and averages are recorded per consumer, so a summary without quantiles;
-    # rate(_sum) / rate(_count) is the average processing time over any window.
-    summary = SummaryMetricFamily(
+    # Buckets counted by the workers in each batch transaction (ratebox.buckets): quantiles
+    # with histogram_quantile(), the average with rate(_sum) / rate(_count).
+    histogram = HistogramMetricFamily(
         "ratebox_processing_seconds", "Time spent judging an item", labels=["consumer"]
     )
     for c in perf:
-        summary.add_metric([c["name"]], c["processed"], (c["total_ms"] or 0.0) / 1000)
-    yield summary
+        histogram.add_metric(
+            [c["name"]],
+            buckets.cumulative(c.get("buckets") or []),
+            (c["total_ms"] or 0.0) / 1000,
+        )
+    yield histogram
     yield _gauge(
         "ratebox_processing_max_seconds",
         "Longest time spent on one item in the last hour",

@@ -190,6 +190,7 @@ def _redis_figures(
                 "name": group_name,
                 "consumers": int(group.get("consumers", 0)),
                 "pending": int(group.get("pending", 0)),
+                "oldest_pending_s": stream.oldest_pending_age_ms(client, name, group_name) / 1000,
                 "lag": lag,
                 "lag_source": how,
                 "last_delivered": _text(group.get("last-delivered-id")),

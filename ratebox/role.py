@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
-from ratebox import stream
+from ratebox import privileges, stream
 from ratebox.errors import EXIT_OK
 from ratebox.pipeline import OUTAGE_ERRORS, Outage, sleep
 
@@ -68,6 +68,8 @@ class Role:
                     sleep(self.outage.failed(exc), self.keep_going, self.outage_tick)
                     continue
                 except Exception as exc:
+                    if (missing := privileges.refused(exc)) is not None:
+                        raise missing from None  # one line: waiting will not grant it
                     if not stream.is_nogroup(exc):
                         raise
                     log.warning("the group is gone (Redis lost its data?); creating it again")

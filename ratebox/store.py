@@ -6,17 +6,19 @@ import contextlib
 import functools
 import io
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from ratebox import message, verdict
+from ratebox import buckets, message, privileges, verdict
 from ratebox.errors import ConfigError, RateboxError, ServerUnavailable
 from ratebox.verdict import Row
 
@@ -185,11 +187,17 @@ RETURNING stream_id
 _RECORD_STATS = """
 WITH stats AS (
     INSERT INTO stream_consumer_stats AS s (stream_name, consumer_name, group_name, processed,
-        errors, dead_lettered, total_processing_ms, last_active, hostname, pid, started_at)
+        errors, dead_lettered, total_processing_ms, last_active, hostname, pid, started_at,
+        processing_buckets)
     VALUES (%(stream)s, %(consumer)s, %(group)s, %(processed)s, %(errors)s, %(dead)s,
-            %(total_ms)s, now(), %(hostname)s, %(pid)s, %(started_at)s)
+            %(total_ms)s, now(), %(hostname)s, %(pid)s, %(started_at)s, %(buckets)s::bigint[])
     ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
         processed = s.processed + EXCLUDED.processed,
+        processing_buckets = ARRAY(
+            SELECT coalesce(a, 0) + coalesce(b, 0)
+            FROM unnest(s.processing_buckets, EXCLUDED.processing_buckets) WITH ORDINALITY
+                AS u (a, b, i)
+            ORDER BY i),
         errors = s.errors + EXCLUDED.errors,
         dead_lettered = s.dead_lettered + EXCLUDED.dead_lettered,
         total_processing_ms = s.total_processing_ms + EXCLUDED.total_processing_ms,
@@ -267,8 +275,10 @@ def _stats(consumer: Consumer, rows: Sequence[Row]) -> dict[str, Any]:
     errors = dead = 0
     total_ms = max_ms = 0.0
     counts: dict[tuple[int, str], list[Any]] = {}
+    per_bucket = [0] * (len(buckets.BOUNDS_MS) + 1)
     for r in rows:
         ms = r.processing_ms
+        per_bucket[bisect_left(buckets.BOUNDS_MS, ms)] += 1
         total_ms += ms
         if ms > max_ms:
             max_ms = ms
@@ -294,6 +304,7 @@ def _stats(consumer: Consumer, rows: Sequence[Row]) -> dict[str, Any]:
         "dead": dead,
         "total_ms": total_ms,
         "max_ms": max_ms,
+        "buckets": per_bucket,
         "codes": [code for code, _ in keys],
         "fields": [field for _, field in keys],
         "counts": [counts[k][0] for k in keys],
@@ -346,6 +357,8 @@ def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
             return _copy_all(conn, consumer, rows)
         except OUTAGE_ERRORS:
             raise
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise _permission(conn, exc) from None
         except psycopg2.Error:
             conn.rollback()  # a row exists already, or one is refused: the careful path sorts it
     return _write_careful(conn, consumer, rows)
@@ -356,6 +369,9 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         return _insert_new(conn, consumer, rows)
     except OUTAGE_ERRORS:
         raise
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        # The role's fault, not the rows': never recorded as code 903.
+        raise _permission(conn, exc) from None
     except psycopg2.Error as exc:
         conn.rollback()
         if len(rows) == 1:
@@ -365,6 +381,11 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         return _write_careful(conn, consumer, rows[:middle]) + _write_careful(
             conn, consumer, rows[middle:]
         )
+
+
+def _permission(conn: Any, exc: psycopg2.Error) -> privileges.PermissionMissing:
+    conn.rollback()
+    return privileges.PermissionMissing(privileges.postgres_line(exc.pgerror or str(exc)))
 
 
 def register_consumer(conn: Any, consumer: Consumer) -> None:
@@ -527,7 +548,7 @@ _CONSUMERS = """
 SELECT s.consumer_name AS name, s.group_name AS "group", s.processed, s.errors, s.dead_lettered,
        coalesce(s.errors::float8 / NULLIF(s.processed, 0), 0) AS error_rate,
        s.avg_processing_ms AS avg_ms, m.max_ms AS max_ms_1h, s.total_processing_ms AS total_ms,
-       s.last_active, s.hostname, s.pid, s.started_at
+       s.last_active, s.hostname, s.pid, s.started_at, s.processing_buckets AS buckets
 FROM stream_consumer_stats AS s
 LEFT JOIN LATERAL (
     SELECT max(max_processing_ms) AS max_ms

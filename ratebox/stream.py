@@ -369,6 +369,26 @@ def length(client: redis.Redis, stream: str) -> int:
     return int(client.xlen(stream))
 
 
+def oldest_pending_age_ms(client: redis.Redis, stream: str, group: str) -> int:
+    """Milliseconds since the group's oldest unacknowledged entry was added (0: none pending).
+
+    The XPENDING summary names the smallest pending ID, whose first part is the time Redis
+    added it; Redis's own clock (TIME) measures the age, so a skewed monitor host does not.
+    """
+    with client.pipeline(transaction=False) as pipe:
+        pipe.xpending(stream, group)
+        pipe.time()
+        try:
+            summary, (seconds, micros) = pipe.execute()
+        except redis.ResponseError:
+            return 0  # no such stream or group: nothing pending
+    smallest = summary.get("min") if summary.get("pending") else None
+    if smallest is None:
+        return 0
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return max(now_ms - int(_id(smallest).partition("-")[0] or 0), 0)
+
+
 # -- end of monitor ---------------------------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ COLUMNS = {
         stream_name stream_id consumer_name delivery_count batch_id producer produced_at
         processing_ms""",
     "stream_consumer_stats": """stream_name consumer_name group_name processed errors
-        dead_lettered total_processing_ms avg_processing_ms last_active hostname pid started_at""",
+        dead_lettered total_processing_ms avg_processing_ms last_active hostname pid started_at
+        processing_buckets""",
     "stream_processing_metrics": """minute stream_name consumer_name processed errors
         dead_lettered total_processing_ms avg_processing_ms max_processing_ms""",
     "stream_error_metrics": "minute stream_name error_code field count sample_message",

@@ -662,6 +662,11 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
         assert found[("ratebox_dead_lettered_total", c)] == 0
         assert found[("ratebox_processing_seconds_count", c)] == processed
         assert found[("ratebox_processing_seconds_sum", c)] >= 0
+        # The workers' bucket counts add up to every verdict they wrote.
+        inf = ("ratebox_processing_seconds_bucket", (("consumer", name), ("le", "+Inf")))
+        assert found[inf] == processed
+    # worker_003 holds entries added when the test began: the oldest is older than nothing.
+    assert found[("ratebox_group_oldest_pending_seconds", g)] > 0
     for (code, field), count in truth["failures"].items():
         key = ("ratebox_errors_last_hour", (("code", str(code)), ("field", field)))
         assert found[key] == count
