@@ -61,6 +61,7 @@ def snapshot_line(snap: Snapshot) -> str:
         up = sum(1 for c in procs["children"] if c["alive"])
         restarts = sum(c["restarts"] for c in procs["children"])
         parts.append(f"procs {up}/{len(procs['children'])} up restarts={restarts}")
+        parts.append(f"workers {workers_figure(procs)}")
     elif procs is not None:
         parts.append("procs unavailable")
     return " | ".join(parts)
@@ -269,7 +270,24 @@ def _throughput_table(snap: Snapshot) -> RenderableType:
     return grid
 
 
-def _processes_table(snap: Snapshot, box: bool = True, compact: bool = False) -> RenderableType:
+def workers_figure(procs: Snapshot) -> str:
+    """Workers running out of desired: "3/4 running", "(autoscale)" when it decides."""
+    w = procs.get("workers") or {}
+    desired = w.get("desired")
+    figure = f"{w.get('running', 0)}/{desired if desired is not None else '?'} running"
+    return figure + (" (autoscale)" if w.get("autoscale") else "")
+
+
+def _processes_title(snap: Snapshot) -> str:
+    procs = snap["processes"]
+    if procs is None or not procs["available"]:
+        return "Processes"
+    return f"Processes · workers {workers_figure(procs)}"
+
+
+def _processes_table(
+    snap: Snapshot, box: bool = True, compact: bool = False, reason: bool = False
+) -> RenderableType:
     procs = snap["processes"]
     if procs is None:
         return Text("not under a supervisor (no status file)", style="dim")
@@ -304,6 +322,9 @@ def _processes_table(snap: Snapshot, box: bool = True, compact: bool = False) ->
         if not compact:
             cells += [_duration(c["uptime_s"]), c["last_exit"] or ""]
         table.add_row(*cells)
+    last = (procs.get("workers") or {}).get("reason")
+    if reason and last:
+        return Group(table, Text(f"last change of the worker count: {last}", style="dim"))
     return table
 
 
@@ -319,7 +340,7 @@ def _full(snap: Snapshot, wide: bool) -> RenderableType:
     throughput_p = panel("Throughput", _throughput_table(snap))
     perf_p = panel("Consumer performance", _performance_table(snap))
     errors_p = panel("Top errors (1 h)", _errors_table(snap))
-    procs_p = panel("Processes", _processes_table(snap))
+    procs_p = panel(_processes_title(snap), _processes_table(snap, reason=True))
     if not wide:
         return Group(
             _header(snap),
@@ -382,7 +403,7 @@ def _compact(snap: Snapshot) -> RenderableType:
     lines.append(
         _side_by_side(
             _titled("Top errors (1 h)", _errors_table(snap, box=False, rows=5, sample=False)),
-            _titled("Processes", _processes_table(snap, box=False, compact=True)),
+            _titled(_processes_title(snap), _processes_table(snap, box=False, compact=True)),
             ratios=(2, 3),
             panels=False,
         )

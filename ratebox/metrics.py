@@ -185,6 +185,18 @@ def _process_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     if not procs["available"]:
         return
+    workers = procs["workers"]
+    if workers["desired"] is not None:
+        yield _gauge(
+            "ratebox_workers_desired",
+            "Workers the supervisor wants (workers.count, signals, or the autoscaler)",
+            [([], workers["desired"])],
+        )
+    yield _gauge(
+        "ratebox_workers_running",
+        "Worker processes up and working",
+        [([], workers["running"])],
+    )
     children = procs["children"]
     labels = ["name", "role"]
     yield _counter(

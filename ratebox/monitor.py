@@ -255,6 +255,7 @@ def _processes(path: str, sampler: ProcessSampler) -> Snapshot:
         "cpu_percent": cpu,
         "rss_bytes": rss,
         "children": [],
+        "workers": None,
     }
     for child in children:
         pid = child.get("pid")
@@ -278,7 +279,32 @@ def _processes(path: str, sampler: ProcessSampler) -> Snapshot:
     sampler.keep_only(
         {p for p in [supervisor_pid, *(c["pid"] for c in out["children"])] if isinstance(p, int)}
     )
+    out["workers"] = _workers(status.get("workers"), out["children"])
     return out
+
+
+def _workers(reported: Any, children: list[Snapshot]) -> Snapshot:
+    """Desired and running workers as the supervisor reported them, and its last reason."""
+    reported = reported if isinstance(reported, dict) else {}
+    running = reported.get("running")
+    if not isinstance(running, int):  # a supervisor that does not say: count what is up
+        running = sum(1 for c in children if c["role"] == "worker" and c["state"] == "running")
+    desired, reason = reported.get("desired"), reported.get("reason")
+    changed_at = reported.get("changed_at")
+    return {
+        "desired": desired if isinstance(desired, int) else None,
+        "running": running,
+        "autoscale": reported.get("autoscale") is True,
+        "reason": _printable(_safe(str(reason))) if reason is not None else None,
+        "changed_at": changed_at if isinstance(changed_at, (int, float)) else None,
+    }
+
+
+def _printable(text: str | None) -> str | None:
+    """Text from a file, with control characters (terminal escapes) replaced."""
+    if text is None:
+        return None
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _uptime(started: Any) -> float | None:

@@ -94,6 +94,8 @@ class Supervisor:
         self.pid = os.getpid()
         self.engine: Engine | None = None
         self.worker_count = settings.workers.count
+        self.scale_reason: str | None = None  # why the worker count last changed
+        self.scaled_at: float | None = None  # wall clock of that change
         self.desired = topology.desired_children(settings, self.worker_count)
         self.children: dict[str, Child] = {}
         self.pids: dict[int, str] = {}
@@ -251,9 +253,9 @@ class Supervisor:
             elif signum == SIGHUP:
                 self.reload()
             elif signum == SIGTTIN:
-                self.scale(self.worker_count + 1)
+                self.scale(self.worker_count + 1, "TTIN: one worker more")
             elif signum == SIGTTOU:
-                self.scale(self.worker_count - 1)
+                self.scale(self.worker_count - 1, "TTOU: one worker fewer")
 
     def _abort_if_asked(self) -> None:
         if any(s in _STOP_SIGNALS for s in self.signals):
@@ -275,17 +277,18 @@ class Supervisor:
             changed = ", ".join(sorted(self.settings.diff(new))) or "nothing"
             self.settings, self.engine = new, engine
             log.info("reloaded %s: changed %s", self.config_path, changed)
-            self.scale(new.workers.count)
+            self.scale(new.workers.count, f"reload: workers.count {new.workers.count}")
         finally:
             if self.ready:
                 systemd.notify(f"READY=1\nSTATUS={self.systemd_status}")
 
-    def scale(self, count: int) -> None:
+    def scale(self, count: int, reason: str | None = None) -> None:
         """Change the number of workers; converge() does the rest."""
         count = max(1, min(MAX_WORKERS, count))
         if count != self.worker_count:
             self.worker_count = count
-            log.info("scaled to %d workers", count)
+            self.scale_reason, self.scaled_at = reason, time.time()
+            log.info("scaled to %d workers%s", count, f": {reason}" if reason else "")
         self.desired = topology.desired_children(self.settings, self.worker_count)
 
     # -- reap, notice, kill, converge ------------------------------------------------------
@@ -534,13 +537,14 @@ class Supervisor:
 
     def report(self, now: float) -> None:
         """Status file for the monitor; STATUS, READY and WATCHDOG for systemd."""
-        children = self.snapshot()
+        children, workers = self.snapshot(), self.workers_status()
         last_at, last = self.status_written
-        if self.status_path and (children != last or now - last_at >= STATUS_EVERY_S):
-            self.status_written = (now, children)
+        if self.status_path and ((children, workers) != last or now - last_at >= STATUS_EVERY_S):
+            self.status_written = (now, (children, workers))
             document = {
                 "supervisor_pid": self.pid,
                 "started_at": self.started_at,
+                "workers": workers,
                 "children": children,
             }
             try:
@@ -564,6 +568,16 @@ class Supervisor:
         """The children as the status file shows them to the monitor."""
         ordered = sorted(self.children.values(), key=lambda c: (_ROLE_ORDER[c.role], c.name))
         return [{f: getattr(c, f) for f in STATUS_FIELDS} for c in ordered]
+
+    def workers_status(self) -> dict[str, Any]:
+        """Desired and running workers, and why the count last changed (the monitor reads it)."""
+        return {
+            "desired": self.worker_count,
+            "running": topology.workers_running(self.children),
+            "autoscale": False,
+            "reason": self.scale_reason,
+            "changed_at": self.scaled_at,
+        }
 
     def release_everything(self) -> None:
         """Lease, status file, the embedded servers we started, wakeup pipe: in that order."""

@@ -165,6 +165,11 @@ def status_line(desired: Mapping[str, Spec], children: Mapping[str, Child]) -> s
     return ", ".join(parts)
 
 
+def workers_running(children: Mapping[str, Child]) -> int:
+    """Worker processes up and working (not starting, not stopping)."""
+    return sum(1 for c in children.values() if c.role == "worker" and c.state == "running")
+
+
 def signame(signum: int) -> str:
     try:
         return signal.Signals(signum).name

@@ -396,6 +396,39 @@ def test_the_process_tree_comes_from_the_status_file_with_cpu_and_memory(
     assert "worker_001" in as_text(monitor.render(snap))
 
 
+def test_desired_and_running_workers_and_the_last_reason_come_from_the_status_file(
+    filled, redis_client, tmp_path
+) -> None:
+    status = tmp_path / "status.json"
+    worker = {"role": "worker", "pid": None, "restarts": 0, "started_at": None}
+    children = [
+        {**worker, "name": "worker_001", "state": "running"},
+        {**worker, "name": "worker_002", "state": "running"},
+        {**worker, "name": "worker_003", "state": "starting"},
+    ]
+    reason = "backlog 48,210 for 2 workers > 5,000 each: 2 → 4\x1b[2J"
+    workers = {"desired": 4, "running": 2, "autoscale": True, "reason": reason, "changed_at": 1.0}
+    document = {"supervisor_pid": os.getpid(), "started_at": time.time(), "children": children}
+    status.write_text(json.dumps({**document, "workers": workers}))
+    snap = monitor.collect(filled, redis_client, None, str(status))
+    families = samples(generate_latest(registry_for(lambda: snap)).decode())
+    assert families[("ratebox_workers_desired", ())] == 4
+    assert families[("ratebox_workers_running", ())] == 2
+    shown = as_text(monitor.render(snap))
+    assert "workers 2/4 running (autoscale)" in shown
+    assert "backlog 48,210 for 2 workers > 5,000 each: 2 → 4?[2J" in shown
+    assert "\x1b" not in snap["processes"]["workers"]["reason"]
+    assert "workers 2/4 running" in monitor.snapshot_line(snap)
+
+    # A status file without the figures: running is counted, desired is not guessed.
+    status.write_text(json.dumps(document))
+    snap = monitor.collect(filled, redis_client, None, str(status))
+    families = samples(generate_latest(registry_for(lambda: snap)).decode())
+    assert families[("ratebox_workers_running", ())] == 2
+    assert ("ratebox_workers_desired", ()) not in families
+    assert "workers 2/? running" in as_text(monitor.render(snap))
+
+
 # -- outages ----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -215,11 +216,26 @@ class TestScaling:
 
         sup.signal(signal.SIGTTIN)
         sup.wait_titles(titles(1, 2, 3))
+        workers = wait_for(
+            "3 of 3 workers in the status file",
+            lambda: (w := status_workers(config_path, names)) and w["running"] == 3 and w,
+        )
+        assert (workers["desired"], workers["autoscale"]) == (3, False)
+        assert workers["reason"] == "TTIN: one worker more"
 
         config_path.write_text("workers: {count: many}\n")
         sup.signal(signal.SIGHUP)
         wait_for("the refusal", lambda: "reload refused: workers.count" in sup.text())
         assert set(sup.titles()) == titles(1, 2, 3)
+
+
+def status_workers(config_path: Path, names: Names) -> dict[str, Any] | None:
+    """The "workers" part of the supervisor's status file, None while there is none."""
+    path = config_path.parent / "var" / f"supervisor-{names.stream}-{names.group}.json"
+    try:
+        return json.loads(path.read_text())["workers"]
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _consumers(client: redis.Redis, names: Names) -> set[str]:
