@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay"]
+COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay", "bridge", "compare"]
 
 
 def run(
