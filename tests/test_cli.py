@@ -12,7 +12,18 @@ import psycopg2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay", "bridge", "compare"]
+COMMANDS = [
+    "supervisor",
+    "worker",
+    "sweeper",
+    "producer",
+    "monitor",
+    "migrate",
+    "dlq",
+    "replay",
+    "bridge",
+    "compare",
+]
 
 
 def run(
