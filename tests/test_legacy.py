@@ -144,12 +144,11 @@ class TestAdoption:
             empty_schema_dsn,
             "INSERT INTO raw_items (data, stream_name, stream_id) VALUES ('{}', 's', '1'), ('{}', 's', '1')",
         )
-        with pytest.raises(psycopg2.Error):
-            with closing(psycopg2.connect(empty_schema_dsn)) as conn:
-                conn.autocommit = True
-                conn.cursor().execute(
-                    "CREATE UNIQUE INDEX CONCURRENTLY raw_items_stream_entry_key ON raw_items (stream_name, stream_id)"
-                )
+        with pytest.raises(psycopg2.Error), closing(psycopg2.connect(empty_schema_dsn)) as conn:
+            conn.autocommit = True
+            conn.cursor().execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY raw_items_stream_entry_key ON raw_items (stream_name, stream_id)"
+            )
         assert run(
             empty_schema_dsn,
             "SELECT indisvalid FROM pg_index WHERE indexrelid = 'raw_items_stream_entry_key'::regclass",
