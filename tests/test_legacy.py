@@ -161,7 +161,7 @@ class TestAdoption:
         ) == [(True,)]
         assert run(
             empty_schema_dsn,
-            "SELECT contype FROM pg_constraint WHERE conname = 'raw_items_stream_entry_key'",
+            "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass AND conname = 'raw_items_stream_entry_key'",
         ) == [("u",)]
 
     @pytest.mark.parametrize(
