@@ -287,8 +287,9 @@ def _stop_flag() -> list[int]:
 class _progress:
     """A Rich progress bar on a terminal for long runs; nothing otherwise."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, what: str = "publishing") -> None:
         self.total = total
+        self.what = what
         self.bar: Any = None
 
     def __enter__(self) -> Callable[[int], None] | None:
@@ -298,7 +299,7 @@ class _progress:
 
         self.bar = Progress(transient=True)
         self.bar.start()
-        task = self.bar.add_task("publishing", total=self.total)
+        task = self.bar.add_task(self.what, total=self.total)
         return lambda n: self.bar.advance(task, n)
 
     def __exit__(self, *exc: object) -> None:
@@ -526,3 +527,71 @@ _refresh_seconds = _number(
 
 
 # -- end of monitor -----------------------------------------------------------------------------
+
+
+# -- moving off database polling: bridge and compare ---------------------------------------------
+
+
+@guarded
+def main_bridge(argv: Sequence[str] | None = None) -> int:
+    """Publish the legacy raw_items table's pending rows to the stream, in id order."""
+    p = parser("ratebox-bridge", main_bridge.__doc__ or "")
+    p.add_argument(
+        "--follow", action="store_true", help="keep publishing rows that appear, until TERM"
+    )
+    args = p.parse_args(argv)
+    _proctitle("bridge")
+    settings, redis_url, dsn = settings_and_servers(args, "bridge")
+    from ratebox import bridge
+
+    stop = _stop_flag()
+    runner = bridge.Bridge(settings, redis_url, dsn, keep_going=lambda: not stop)
+    try:
+        runner.connect()
+        with _progress(runner.to_publish(), "publishing legacy rows") as advance:
+            runner.advance = advance
+            counts = runner.run(args.follow)
+    finally:
+        runner.close()
+    print(bridge.summary(counts, settings.stream.name))
+    return EXIT_OK
+
+
+@guarded
+def main_compare(argv: Sequence[str] | None = None) -> int:
+    """Re-judge rows the legacy system judged with the configured rules; changes nothing."""
+    p = parser("ratebox-compare", main_compare.__doc__ or "")
+    p.add_argument("--since", type=_time, metavar="TIME", help="rows processed at or after TIME")
+    p.add_argument("--until", type=_time, metavar="TIME", help="rows processed before TIME")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="compare at most N rows")
+    p.add_argument("--json", action="store_true", help="the report as one JSON document")
+    args = p.parse_args(argv)
+    settings, _, dsn = settings_and_servers(args, "compare", need_pg=True)
+    from ratebox import compare, store_legacy
+    from ratebox.rules import compile_rules
+
+    engine = compile_rules(settings.rules)
+    total = args.limit or store_legacy.estimate_rows(dsn) or 0
+    with _progress(total, "comparing") as advance:
+        report = compare.compare(dsn, engine, args.since, args.until, args.limit, advance)
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        for line in report.lines():
+            print(line)
+    return EXIT_OK
+
+
+def _time(text: str) -> Any:
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO 8601 time, got {text!r}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+# -- end of bridge and compare --------------------------------------------------------------------

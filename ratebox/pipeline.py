@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from ratebox import store, stream, verdict
+from ratebox import legacy, store, store_legacy, stream, verdict
 from ratebox.config import Settings
 from ratebox.errors import ServerUnavailable
 from ratebox.rules import Engine
@@ -96,7 +96,7 @@ class Pipeline:
         rows = verdict.judge_all(
             entries, self.engine, self.settings.limits.max_message_bytes, deliveries
         )
-        written = store.write_batch(self.pg, self._ident(), rows)
+        written = self._write(entries, rows)
         stream.ack(self.redis, self.stream, self.group, [entry_id for entry_id, _ in entries])
         return written
 
@@ -106,7 +106,7 @@ class Pipeline:
         row = verdict.dead_lettered(
             entry_id, fields, self.settings.limits.max_message_bytes, deliveries, reason
         )
-        store.write_batch(self.pg, self._ident(), [row])
+        self._write([entry], [row])
         extra = {
             "original_id": entry_id,
             "original_stream": self.stream,
@@ -126,6 +126,15 @@ class Pipeline:
         )
         if moved:
             log.warning("dead-lettered %s after %d deliveries: %s", entry_id, deliveries, reason)
+
+    def _write(self, entries: Sequence[Entry], rows: Sequence[verdict.Row]) -> int:
+        # Entries from ratebox-bridge name a legacy row: their verdict goes on that row.
+        targets = legacy.targets(entries)
+        if targets:
+            return store_legacy.write_legacy_batch(
+                self.pg, self._ident(), rows, targets, legacy.no_row
+            )
+        return store.write_batch(self.pg, self._ident(), rows)
 
     def forget(self, entry_ids: Sequence[str]) -> None:
         """Ack entries whose payload is gone (trimmed or deleted): nothing is left to judge."""

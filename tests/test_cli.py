@@ -22,6 +22,8 @@ COMMANDS = [
     "migrate",
     "dlq",
     "replay",
+    "bridge",
+    "compare",
     "embedded",
 ]
 
