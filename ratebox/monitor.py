@@ -31,6 +31,7 @@ from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
 from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
+from ratebox.partitions import partitioned_figures
 from ratebox.pipeline import sleep
 from ratebox.role import Role
 
@@ -103,6 +104,7 @@ def collect(
         "top_errors": [],
         "throughput": None,
         "processes": None,
+        "partitions": [],
     }
     timings: dict[str, float] = {}
 
@@ -110,7 +112,9 @@ def collect(
     try:
         if redis_client is None:
             raise ConnectionError("not connected")
-        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings)
+        snap["stream"], snap["groups"], snap["partitions"] = partitioned_figures(
+            redis_client, settings, _redis_figures
+        )
         snap["servers"]["redis"] = {"available": True, "error": None}
     # A dashboard shows whatever it cannot read as unavailable, whatever the reason.
     except Exception as exc:
@@ -141,7 +145,7 @@ def report(
     settings: Settings, redis_url: str, dsn: str, status_path: str | None = None
 ) -> Snapshot:
     """One snapshot with connections of its own (ratebox-monitor without ``continuous``)."""
-    client = stream.connect(redis_url, check=False)
+    client = stream.connect(redis_url, check=False, cluster=settings.redis.cluster)
     try:
         conn, error = store.connect(dsn, application_name="ratebox monitor"), None
     except RateboxError as exc:
@@ -154,8 +158,7 @@ def report(
             store.close(conn)
 
 
-def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, list[Snapshot]]:
-    name, dead = settings.stream.name, settings.stream.dead_letter
+def _redis_figures(client: redis.Redis, name: str, dead: str) -> tuple[Snapshot, list[Snapshot]]:
     info = stream.stream_info(client, name)
     figures: Snapshot = {
         "name": name,
@@ -429,7 +432,9 @@ class Monitor(Role):
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = stream.connect(self.redis_url, check=False)
+            self._redis = stream.connect(
+                self.redis_url, check=False, cluster=self.settings.redis.cluster
+            )
         return self._redis
 
     def _pg_conn(self) -> Any:

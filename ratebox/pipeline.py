@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from ratebox import store, stream, verdict
+from ratebox import route, store, stream, verdict
 from ratebox.config import Settings
 from ratebox.errors import ServerUnavailable
 from ratebox.rules import Engine
@@ -44,7 +44,8 @@ class Pipeline:
         self.redis_url = redis_url
         self.dsn = dsn
         self.engine = engine
-        self.stream = settings.stream.name
+        #: The partition the next batch comes from and goes to (see use()).
+        self.stream, self.dead = route.settings_streams(settings)[0]
         self.group = settings.stream.group
         self.started_at = datetime.now(timezone.utc)
         self._redis: redis.Redis | None = None
@@ -55,7 +56,10 @@ class Pipeline:
         """The Redis client, connected on first use."""
         if self._redis is None:
             self._redis = stream.connect(
-                self.redis_url, self.settings.workers.block_ms, check=False
+                self.redis_url,
+                self.settings.workers.block_ms,
+                check=False,
+                cluster=self.settings.redis.cluster,
             )
         return self._redis
 
@@ -77,6 +81,10 @@ class Pipeline:
             pid=os.getpid(),
             started_at=self.started_at,
         )
+
+    def use(self, partition: tuple[str, str]) -> None:
+        """Work on this partition (stream, dead-letter stream): its rows carry its name."""
+        self.stream, self.dead = partition
 
     def reset(self) -> None:
         """Drop both connections after an outage; the next use reconnects."""
@@ -119,7 +127,7 @@ class Pipeline:
             self.redis,
             self.stream,
             self.group,
-            self.settings.stream.dead_letter,
+            self.dead,
             entry_id,
             fields,
             extra,

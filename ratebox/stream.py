@@ -10,6 +10,7 @@ from typing import Any
 import hiredis
 import redis
 
+from ratebox import stream_cluster
 from ratebox.errors import ServerUnavailable
 from ratebox.mask import mask_url
 
@@ -23,13 +24,17 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     redis.BusyLoadingError,
     ConnectionError,
     OSError,
+    *stream_cluster.CLUSTER_OUTAGE_ERRORS,
 )
 
 
-def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
-    """A client for ``url`` (bytes replies); ``check`` pings once and raises ServerUnavailable."""
-    client = redis.Redis.from_url(
-        url,
+def connect(url: str, block_ms: int = 0, check: bool = True, cluster: bool = False) -> redis.Redis:
+    """A client for ``url`` (bytes replies); ``check`` pings once and raises ServerUnavailable.
+
+    With ``cluster``, a RedisCluster discovered from the node ``url`` names.
+    """
+    make: Any = stream_cluster.connect_cluster if cluster else redis.Redis.from_url
+    options: dict[str, Any] = dict(
         decode_responses=False,
         socket_connect_timeout=5,
         # A blocked XREADGROUP must not look like a dead socket.
@@ -38,16 +43,19 @@ def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
         **({} if url.startswith("unix://") else {"socket_keepalive": True}),
         health_check_interval=30,
     )
-    # XREADGROUP replies are parsed once, by _entries(), rather than first into redis-py's
-    # tuples and dicts and then again: about 1 µs less client CPU per entry read.
-    client.set_response_callback("XREADGROUP", _raw_reply)
     if check:
         try:
+            client = make(url, **options)  # a cluster client reads the slot map right here
             client.ping()
         except OUTAGE_ERRORS as exc:
             raise ServerUnavailable(
                 f"cannot reach Redis at {mask_url(url)}: {reason(exc)}"
             ) from None
+    else:
+        client = make(url, **options)
+    # XREADGROUP replies are parsed once, by _entries(), rather than first into redis-py's
+    # tuples and dicts and then again: about 1 µs less client CPU per entry read.
+    client.set_response_callback("XREADGROUP", _raw_reply)
     return client
 
 
@@ -230,6 +238,8 @@ def _add_many(
     want_ids: bool,
 ) -> Iterator[Any]:
     """The reply of each _ADD_MANY call, _IN_FLIGHT calls pipelined on one connection."""
+    cluster = client
+    client = stream_cluster.node_for(cluster, stream)  # the calls go to the slot's master
     sha = client.script_load(_ADD_MANY)
     conn = client.connection_pool.get_connection()
     in_flight = 0
@@ -248,8 +258,10 @@ def _add_many(
                 in_flight += 1
         for _ in range(in_flight):
             yield conn.read_response()
-    except BaseException:
+    except BaseException as exc:
         conn.disconnect()  # replies may still be on the way: this socket is unusable
+        if isinstance(exc, OUTAGE_ERRORS):
+            stream_cluster.forget_slots(cluster)  # the slot may have moved: ask again
         raise
     finally:
         client.connection_pool.release(conn)
@@ -604,12 +616,13 @@ return {1, 0}
 """
 
 
-def connect_quick(url: str, timeout_s: float = 2.0) -> redis.Redis:
+def connect_quick(url: str, timeout_s: float = 2.0, cluster: bool = False) -> redis.Redis:
     """A client with short timeouts for the supervisor's loop; pings once (ServerUnavailable)."""
-    client = redis.Redis.from_url(
-        url, decode_responses=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    make: Any = stream_cluster.connect_cluster if cluster else redis.Redis.from_url
     try:
+        client = make(
+            url, decode_responses=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         client.ping()
     except OUTAGE_ERRORS as exc:
         raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None
