@@ -42,7 +42,7 @@ def connect_cluster(url: str, **options: Any) -> RedisCluster:
     # few times, and reads the slot map again after a fail-over; what still fails reaches our
     # loops as an outage.
     try:
-        return RedisCluster.from_url(url, decode_responses=False, **options)
+        return RedisCluster.from_url(url, **{"decode_responses": False, **options})
     except RedisClusterException as exc:
         # Raised when no node answers the slot map: for us, Redis is not there right now.
         raise redis.ConnectionError(str(exc)) from None

@@ -1,0 +1,318 @@
+"""Partitioned streams on a real Redis Cluster: every module through the cluster client,
+and a master killed under load while workers run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import redis
+import yaml
+from redis.cluster import RedisCluster
+
+from ratebox import config, producer, route, rules, stream, verdict
+from ratebox.route import Router
+from ratebox.sweeper import Sweeper
+from ratebox.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cluster_config(
+    tmp_path: Path, cluster: Any, dsn: str, names: Any, **sections: dict[str, Any]
+) -> tuple[config.Settings, Path]:
+    data: dict[str, Any] = {
+        "redis": {"url": cluster.url, "cluster": True},
+        "postgres": {"dsn": dsn, "migrate_on_start": False},
+        "stream": {
+            "name": names.stream,
+            "group": names.group,
+            "dead_letter": names.dead_letter,
+            "partitions": 6,
+            "partition_key": "source",
+        },
+        "workers": {"count": 2, "timeout_s": 20, "block_ms": 200, "batch_size": 200},
+        "sweeper": {"interval_s": 0.5, "min_idle_ms": 3000},
+        "monitor": {"enabled": False, "metrics_listen": None},
+        "embedded": {"dir": str(tmp_path / "var")},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "ratebox.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return config.load(str(path), {}), path
+
+
+def client_of(cluster: Any) -> RedisCluster:
+    return RedisCluster.from_url(cluster.url)
+
+
+def rows_by_stream(dsn: str) -> dict[str, dict[str, tuple[Any, ...]]]:
+    out: dict[str, dict[str, tuple[Any, ...]]] = {}
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT stream_name, stream_id, status, error_code, data FROM raw_items")
+        for name, entry_id, status, code, data in cur.fetchall():
+            assert entry_id not in out.setdefault(name, {}), f"two rows for {name} {entry_id}"
+            out[name][entry_id] = (status, code, data)
+    return out
+
+
+def wait_for(predicate: Any, limit_s: float = 120, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def total_pending(client: Any, settings: config.Settings) -> int:
+    total = 0
+    for name in route.stream_names(settings):
+        try:
+            total += int(client.xpending(name, settings.stream.group)["pending"])
+        except redis.ResponseError:
+            pass
+    return total
+
+
+def cleanup(client: Any, settings: config.Settings) -> None:
+    for name, dead in route.settings_streams(settings):
+        client.delete(name)
+        client.delete(dead)
+
+
+def test_the_partitions_spread_over_the_masters_and_each_step_stays_on_one_slot(
+    redis_cluster, names
+) -> None:
+    every = route.streams(names.stream, names.dead_letter, 6, True)
+    client = client_of(redis_cluster)
+    try:
+        slots = {client.keyslot(name) for name, _ in every}
+        # A partition and its dead letters share a slot: one Lua step can touch both.
+        assert all(client.keyslot(name) == client.keyslot(dead) for name, dead in every)
+        masters = {client.get_node_from_key(name).name for name, _ in every}
+        assert len(slots) == 6 and len(masters) >= 2
+        # The dead-letter script (both keys) runs on the cluster.
+        name, dead = every[0]
+        stream.ensure_group(client, name, "g")
+        [entry_id] = stream.publish(client, name, [{"data": "{}"}])
+        assert stream.read(client, name, "g", "c", 10)[0][0] == entry_id
+        assert stream.move_to_dead_letter(client, name, "g", dead, entry_id, {b"data": b"{}"}, {})
+        assert stream.length(client, dead) == 1
+    finally:
+        for name, dead in every:
+            client.delete(name)
+            client.delete(dead)
+        client.close()
+
+
+def test_a_cluster_config_needs_a_node_url_and_partitions_are_fixed_on_reload() -> None:
+    with pytest.raises(config.ConfigError, match="redis.cluster"):
+        config.from_mapping({"redis": {"cluster": True}}, {})
+    with pytest.raises(config.ConfigError, match="stream.partitions: must be an integer from 1"):
+        config.from_mapping({"stream": {"partitions": 0}}, {})
+    from ratebox.supervisor import FIXED_ON_RELOAD
+
+    assert {"redis.cluster", "stream.partitions", "stream.partition_key"} <= set(FIXED_ON_RELOAD)
+
+
+def test_workers_and_sweeper_drain_every_partition_through_the_cluster(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    settings, _ = cluster_config(tmp_path, redis_cluster, pg_schema_dsn, names)
+    client = client_of(redis_cluster)
+    try:
+        router = Router.of(settings)
+        sent = producer.produce(client, router, 3000)
+        assert sent == 3000
+        lengths = {name: client.xlen(name) for name in router.targets}
+        assert sum(lengths.values()) == 3000
+        # Routed by the key: every entry of a partition has the source crc32 picks for it.
+        for p, name in enumerate(router.targets):
+            for _, fields in client.xrange(name, count=50):
+                source = fields[b"source"].decode()
+                assert zlib.crc32(source.encode()) % 6 == p
+        workers = [
+            Worker(settings, settings.consumer_name(k), redis_redis(redis_cluster), pg_schema_dsn)
+            for k in (1, 2)
+        ]
+        assert sorted(n for w in workers for n, _ in w.partitions) == sorted(router.targets)
+        deadline = time.monotonic() + 180
+        while sum(len(v) for v in rows_by_stream(pg_schema_dsn).values()) < 3000:
+            assert time.monotonic() < deadline, "workers did not drain the partitions"
+            for w in workers:
+                w.loop()
+        rows = rows_by_stream(pg_schema_dsn)
+        for name in router.targets:
+            ids = [entry_id.decode() for entry_id, _ in client.xrange(name)]
+            assert set(rows.get(name, {})) == set(ids)
+        assert total_pending(client, settings) == 0
+        # The sweeper visits every partition (nothing idle, nothing to trim yet).
+        sweep = Sweeper(settings, redis_redis(redis_cluster), pg_schema_dsn).loop()
+        assert sweep.dead_lettered == 0 and sweep.failed == 0
+        for w in workers:
+            w.pipeline.reset()
+    finally:
+        cleanup(client, settings)
+        client.close()
+
+
+def redis_redis(cluster: Any) -> str:
+    return cluster.url
+
+
+def test_a_worker_with_several_partitions_reads_the_busy_one_while_another_is_empty(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    settings, _ = cluster_config(
+        tmp_path,
+        redis_cluster,
+        pg_schema_dsn,
+        names,
+        workers={"count": 1, "block_ms": 5000, "timeout_s": 20},
+        stream={"partitions": 3, "partition_key": None},
+    )
+    client = client_of(redis_cluster)
+    try:
+        worker = Worker(settings, settings.consumer_name(1), redis_cluster.url, pg_schema_dsn)
+        assert len(worker.partitions) == 3
+        last = route.stream_names(settings)[2]
+        stream.publish(client, last, [{"data": '{"phone": "0123456789"}'}] * 5)
+        started = time.monotonic()
+        handled = 0
+        for _ in range(4):  # never more than one short block per empty round
+            handled += worker.loop()
+            if handled:
+                break
+        assert handled == 5
+        # Nothing waited block_ms (5 s) on an empty partition first: a loose bound for busy CI.
+        assert time.monotonic() - started < 4.5
+        worker.pipeline.reset()
+    finally:
+        cleanup(client, settings)
+        client.close()
+
+
+def test_the_producer_command_routes_by_the_same_rule(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    settings, path = cluster_config(tmp_path, redis_cluster, pg_schema_dsn, names)
+    client = client_of(redis_cluster)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bin" / "ratebox-producer"), "-c", str(path)]
+            + ["produce", "500"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 0, done.stderr
+        counted = 0
+        for p, name in enumerate(route.stream_names(settings)):
+            for _, fields in client.xrange(name):
+                assert zlib.crc32(fields[b"source"]) % 6 == p
+                counted += 1
+        assert counted == 500
+    finally:
+        cleanup(client, settings)
+        client.close()
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+
+
+@pytest.mark.timeout(900)
+def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    settings, path = cluster_config(
+        tmp_path,
+        redis_cluster,
+        pg_schema_dsn,
+        names,
+        workers={"count": 2, "batch_size": 100, "timeout_s": 30},
+    )
+    client = client_of(redis_cluster)
+    sup = None
+    try:
+        produced = producer.produce(client, Router.of(settings), 6000)
+        assert produced == 6000
+        sup = subprocess.Popen(
+            [sys.executable, str(ROOT / "bin" / "ratebox-supervisor"), "-c", str(path)],
+            stdout=open(tmp_path / "sup.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,
+        )
+        # Under load: once some rows exist, kill the master of partition 0.
+        assert wait_for(lambda: sum(map(len, rows_by_stream(pg_schema_dsn).values())) > 300)
+        victim_port = client.get_node_from_key(route.stream_names(settings)[0]).port
+        victim = next(n for n in redis_cluster.nodes if n.port == victim_port)
+        redis_cluster.kill(victim)
+        # Its replica is promoted (after the node timeout); the cluster is whole again
+        # without the old master, which then comes back as a replica.
+        redis_cluster.wait_promoted(120)
+        assert victim not in redis_cluster.masters()
+        redis_cluster.wait_ok(120)
+        redis_cluster.start_node(victim)  # comes back as a replica of the promoted one
+        redis_cluster.wait_ok(120)
+        client.close()
+        client = client_of(redis_cluster)
+
+        def held() -> dict[str, set[str]]:
+            return {
+                name: {entry_id.decode() for entry_id, _ in client.xrange(name)}
+                for name in route.stream_names(settings)
+            }
+
+        def drained() -> bool:
+            rows = rows_by_stream(pg_schema_dsn)
+            return all(
+                ids <= set(rows.get(name, {})) for name, ids in held().items()
+            ) and not total_pending(client, settings)
+
+        assert wait_for(drained, 300, 1.0), (tmp_path / "sup.log").read_text()[-3000:]
+        rows = rows_by_stream(pg_schema_dsn)
+        entries = held()
+        for name, ids in entries.items():
+            # Every entry the cluster holds has exactly one row, under its partition's name;
+            # an acknowledged XADD lost with the old master may leave a row of no entry.
+            assert ids <= set(rows.get(name, {}))
+        assert sum(len(ids) for ids in entries.values()) >= 6000 - 200
+        engine = rules.compile_rules(settings.rules)
+        for name in route.stream_names(settings):
+            for entry_id, fields in client.xrange(name):
+                expected = verdict.judge(entry_id.decode(), fields, engine, 65536)
+                status, code, _ = rows[name][entry_id.decode()]
+                assert (status, code) == (expected.status, expected.error_code)
+        dead = [d for _, d in route.settings_streams(settings)]
+        assert sum(client.xlen(d) for d in dead) == 0, "nothing is dead-lettered"
+        with closing(psycopg2.connect(pg_schema_dsn)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM raw_items WHERE error_code = 910")
+            assert cur.fetchone()[0] == 0
+        assert sup.poll() is None, "the supervisor is still up"
+    finally:
+        if sup is not None:
+            _signal(sup, signal.SIGTERM)
+            try:
+                sup.wait(60)
+            except subprocess.TimeoutExpired:
+                _signal(sup, signal.SIGKILL)
+                sup.wait(30)
+        try:
+            cleanup(client, settings)
+        finally:
+            client.close()
