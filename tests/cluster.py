@@ -204,8 +204,15 @@ def start_cluster(base: Path) -> Cluster:
             cluster.start_node(node)
         if os.path.exists(cli):
             subprocess.run(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in cluster.nodes)]
-                + ["--cluster-replicas", "1", "--cluster-yes"],
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=120,

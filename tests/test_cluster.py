@@ -117,9 +117,9 @@ def test_the_partitions_spread_over_the_masters_and_each_step_stays_on_one_slot(
 
 
 def test_a_cluster_config_needs_a_node_url_and_partitions_are_fixed_on_reload() -> None:
-    with pytest.raises(config.ConfigError, match="redis.cluster"):
+    with pytest.raises(config.ConfigError, match=r"redis\.cluster"):
         config.from_mapping({"redis": {"cluster": True}}, {})
-    with pytest.raises(config.ConfigError, match="stream.partitions: must be an integer from 1"):
+    with pytest.raises(config.ConfigError, match=r"stream\.partitions: must be an integer from 1"):
         config.from_mapping({"stream": {"partitions": 0}}, {})
     from ratebox.supervisor import FIXED_ON_RELOAD
 
@@ -210,8 +210,14 @@ def test_the_producer_command_routes_by_the_same_rule(
     client = client_of(redis_cluster)
     try:
         done = subprocess.run(
-            [sys.executable, str(ROOT / "bin" / "ratebox-producer"), "-c", str(path)]
-            + ["produce", "500"],
+            [
+                sys.executable,
+                str(ROOT / "bin" / "ratebox-producer"),
+                "-c",
+                str(path),
+                "produce",
+                "500",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
