@@ -3,6 +3,7 @@ and a master killed under load while workers run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg2
 import pytest
 import redis
@@ -322,3 +324,103 @@ def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
             cleanup(client, settings)
         finally:
             client.close()
+
+
+def _start_supervisor(path: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bin" / "ratebox-supervisor"), "-c", str(path)],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,  # its own process group: frozen and stopped as one host
+    )
+
+
+def _held_by(client: Any, settings: config.Settings, prefix: str) -> int:
+    held = 0
+    for name in route.stream_names(settings):
+        try:
+            summary = client.xpending(name, settings.stream.group)
+        except redis.ResponseError:
+            continue
+        for c in summary.get("consumers") or []:
+            if c["name"].decode().startswith(prefix):
+                held += int(c["pending"])
+    return held
+
+
+@pytest.mark.timeout(900)
+def test_two_hosts_on_one_cluster_one_cut_off_for_20_s_nothing_lost_nothing_twice(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    """Two supervisors (name prefixes hosta, hostb) share the group; hostb is frozen for 20 s.
+
+    Its processes send nothing and answer nothing, as if its network were cut: what it held
+    goes idle, hosta's sweeper reclaims it, and when hostb wakes its late commits and acks
+    change nothing.
+    """
+    hosts = {}
+    for host in ("hosta", "hostb"):
+        (tmp_path / host).mkdir()
+        hosts[host] = cluster_config(
+            tmp_path / host,
+            redis_cluster,
+            pg_schema_dsn,
+            names,
+            workers={"count": 2, "name_prefix": host, "batch_size": 50, "timeout_s": 60},
+            sweeper={"interval_s": 0.5, "min_idle_ms": 3000},
+        )
+    settings = hosts["hosta"][0]
+    client = client_of(redis_cluster)
+    sups: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        assert producer.produce(client, Router.of(settings), 20000) == 20000
+        for host, (_, path) in hosts.items():
+            sups[host] = _start_supervisor(path, tmp_path / f"{host}.log")
+        # Cut hostb off while its workers hold entries.
+        assert wait_for(lambda: _held_by(client, settings, "hostb") > 0, 120, 0.02)
+        # The supervisor and every child (they run in process groups of their own).
+        frozen = [psutil.Process(sups["hostb"].pid)]
+        frozen += frozen[0].children(recursive=True)
+        for proc in frozen:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            held = _held_by(client, settings, "hostb")
+            # hosta reclaims what hostb held (and drains the rest) while hostb is away.
+            assert wait_for(lambda: _held_by(client, settings, "hostb") == 0, 60, 0.5), held
+            time.sleep(max(0.0, 20 - (time.monotonic() - stopped_at)))
+        finally:
+            for proc in frozen:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGCONT)
+
+        def drained() -> bool:
+            rows = rows_by_stream(pg_schema_dsn)
+            return sum(map(len, rows.values())) >= 20000 and not total_pending(client, settings)
+
+        assert wait_for(drained, 300, 1.0), (tmp_path / "hostb.log").read_text()[-2000:]
+        time.sleep(3)  # hostb's late commits, if any, would land now
+        rows = rows_by_stream(pg_schema_dsn)  # raises on a second row for one entry
+        for name in route.stream_names(settings):
+            ids = {entry_id.decode() for entry_id, _ in client.xrange(name)}
+            assert set(rows.get(name, {})) == ids
+        assert sum(map(len, rows.values())) == 20000
+        assert sum(client.xlen(d) for _, d in route.settings_streams(settings)) == 0
+        with closing(psycopg2.connect(pg_schema_dsn)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM raw_items WHERE consumer_name = 'sweeper'")
+            reclaimed = cur.fetchone()[0]
+        assert reclaimed >= held > 0, "the entries hostb held were reclaimed by a sweeper"
+        assert all(sup.poll() is None for sup in sups.values()), "both supervisors up"
+    finally:
+        for sup in sups.values():
+            _signal(sup, signal.SIGCONT)
+            _signal(sup, signal.SIGTERM)
+        for sup in sups.values():
+            try:
+                sup.wait(60)
+            except subprocess.TimeoutExpired:
+                _signal(sup, signal.SIGKILL)
+                sup.wait(30)
+        cleanup(client, settings)
+        client.close()
