@@ -7,6 +7,7 @@ KEYS) to the master of the key's slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -64,3 +65,10 @@ def forget_slots(client: Any) -> None:
     """After a redirection seen outside the cluster client: read the slot map again next time."""
     if isinstance(client, RedisCluster):
         client.nodes_manager.initialize()
+
+
+def on_every_node(client: Any, do: Callable[[redis.Redis], None]) -> None:
+    """Apply ``do`` to the client of every node known now (nothing off cluster)."""
+    if isinstance(client, RedisCluster):
+        for node in client.get_nodes():
+            do(client.get_redis_connection(node))

@@ -107,7 +107,7 @@ class Cluster:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                "everysec",  # the default of a production node; "always" costs every write
                 "--save",
                 "",
                 "--dir",
