@@ -118,6 +118,9 @@ def read(
     block_ms: int | None = None,
 ) -> list[Entry]:
     """XREADGROUP: new entries (``>``) or this consumer's own pending entries after ``start``."""
+    # Straight to the slot's master: the cluster client would first ask a node for the
+    # command's keys (COMMAND GETKEYS), one more round trip per read. A MOVED is an outage.
+    client = stream_cluster.node_for(client, stream)
     reply = client.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
     return _entries(reply)
 

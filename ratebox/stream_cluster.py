@@ -43,7 +43,9 @@ def connect_cluster(url: str, **options: Any) -> RedisCluster:
     # few times, and reads the slot map again after a fail-over; what still fails reaches our
     # loops as an outage.
     try:
-        return RedisCluster.from_url(url, **{"decode_responses": False, **options})
+        # RESP2, as for one node: redis-py's cluster client would pick RESP3 and, with it,
+        # maintenance notifications that cost a second socket read per command.
+        return RedisCluster.from_url(url, **{"decode_responses": False, "protocol": 2, **options})
     except RedisClusterException as exc:
         # Raised when no node answers the slot map: for us, Redis is not there right now.
         raise redis.ConnectionError(str(exc)) from None
