@@ -242,31 +242,45 @@ def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _kill_a_worker(sup: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL one running worker of a supervisor; False when none is up just now."""
+    for child in psutil.Process(sup.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if " ".join(child.cmdline()).startswith("ratebox: worker"):
+                child.send_signal(signal.SIGKILL)
+                return True
+    return False
+
+
 @pytest.mark.timeout(900)
 def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
     redis_cluster, pg_schema_dsn, names, tmp_path
 ) -> None:
-    settings, path = cluster_config(
-        tmp_path,
-        redis_cluster,
-        pg_schema_dsn,
-        names,
-        workers={"count": 2, "batch_size": 100, "timeout_s": 30},
-    )
-    client = client_of(redis_cluster)
-    sup = None
-    try:
-        produced = producer.produce(client, Router.of(settings), 6000)
-        assert produced == 6000
-        sup = subprocess.Popen(
-            [sys.executable, str(ROOT / "bin" / "ratebox-supervisor"), "-c", str(path)],
-            stdout=open(tmp_path / "sup.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            start_new_session=True,
+    """Two supervisors of two workers, 30,000 items, four worker SIGKILLs and one master."""
+    paths = {}
+    for host in ("hosta", "hostb"):
+        (tmp_path / host).mkdir()
+        settings, paths[host] = cluster_config(
+            tmp_path / host,
+            redis_cluster,
+            pg_schema_dsn,
+            names,
+            workers={"count": 2, "name_prefix": host, "batch_size": 100, "timeout_s": 30},
         )
-        # Under load: once some rows exist, kill the master of partition 0.
-        assert wait_for(lambda: sum(map(len, rows_by_stream(pg_schema_dsn).values())) > 300)
+    client = client_of(redis_cluster)
+    sups: list[subprocess.Popen[bytes]] = []
+    try:
+        produced = producer.produce(client, Router.of(settings), 30000)
+        assert produced == 30000
+        sups = [_start_supervisor(paths[h], tmp_path / f"{h}.log") for h in paths]
+
+        def rows_now() -> int:
+            return sum(map(len, rows_by_stream(pg_schema_dsn).values()))
+
+        # Under load: two workers killed, then the master of partition 0, then two more.
+        assert wait_for(lambda: rows_now() > 1000)
+        for sup in sups:
+            assert wait_for(lambda sup=sup: _kill_a_worker(sup), 60)
         victim_port = client.get_node_from_key(route.stream_names(settings)[0]).port
         victim = next(n for n in redis_cluster.nodes if n.port == victim_port)
         redis_cluster.kill(victim)
@@ -275,6 +289,8 @@ def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
         redis_cluster.wait_promoted(120)
         assert victim not in redis_cluster.masters()
         redis_cluster.wait_ok(120)
+        for sup in sups:
+            assert wait_for(lambda sup=sup: _kill_a_worker(sup), 60)
         redis_cluster.start_node(victim)  # comes back as a replica of the promoted one
         redis_cluster.wait_ok(120)
         client.close()
@@ -292,14 +308,14 @@ def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
                 ids <= set(rows.get(name, {})) for name, ids in held().items()
             ) and not total_pending(client, settings)
 
-        assert wait_for(drained, 300, 1.0), (tmp_path / "sup.log").read_text()[-3000:]
+        assert wait_for(drained, 300, 1.0), (tmp_path / "hosta.log").read_text()[-3000:]
         rows = rows_by_stream(pg_schema_dsn)
         entries = held()
         for name, ids in entries.items():
             # Every entry the cluster holds has exactly one row, under its partition's name;
             # an acknowledged XADD lost with the old master may leave a row of no entry.
             assert ids <= set(rows.get(name, {}))
-        assert sum(len(ids) for ids in entries.values()) >= 6000 - 200
+        assert sum(len(ids) for ids in entries.values()) >= 30000 - 1000
         engine = rules.compile_rules(settings.rules)
         for name in route.stream_names(settings):
             for entry_id, fields in client.xrange(name):
@@ -311,10 +327,11 @@ def test_a_master_killed_under_load_is_waited_out_and_every_entry_gets_one_row(
         with closing(psycopg2.connect(pg_schema_dsn)) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM raw_items WHERE error_code = 910")
             assert cur.fetchone()[0] == 0
-        assert sup.poll() is None, "the supervisor is still up"
+        assert all(sup.poll() is None for sup in sups), "both supervisors are up"
     finally:
-        if sup is not None:
+        for sup in sups:
             _signal(sup, signal.SIGTERM)
+        for sup in sups:
             try:
                 sup.wait(60)
             except subprocess.TimeoutExpired:
