@@ -307,7 +307,10 @@ def _full(snap: Snapshot, wide: bool) -> RenderableType:
     def panel(title: str, body: RenderableType) -> Panel:
         return Panel(body, title=f"[bold]{title}", title_align="left", border_style="blue")
 
-    stream_p = panel("Stream", _stream_table(snap))
+    stream_body: RenderableType = _stream_table(snap)
+    if snap.get("partitions"):
+        stream_body = Group(stream_body, _partitions_text(snap["partitions"]))
+    stream_p = panel("Stream", stream_body)
     groups_p = panel("Consumer groups", _groups_table(snap))
     consumers_p = panel("Consumers", _consumers_table(snap))
     database_p = panel("Database", _database_table(snap))

@@ -441,3 +441,42 @@ def test_two_hosts_on_one_cluster_one_cut_off_for_20_s_nothing_lost_nothing_twic
                 sup.wait(30)
         cleanup(client, settings)
         client.close()
+
+
+def test_the_monitor_and_metrics_show_each_partition_and_the_totals(
+    redis_cluster, pg_schema_dsn, names, tmp_path
+) -> None:
+    from prometheus_client.exposition import generate_latest
+    from rich.console import Console
+
+    from ratebox import monitor
+    from ratebox.dashboard import render
+    from ratebox.metrics import registry_for
+
+    settings, _ = cluster_config(
+        tmp_path, redis_cluster, pg_schema_dsn, names, stream={"partition_key": None}
+    )
+    client = client_of(redis_cluster)
+    try:
+        names_ = route.stream_names(settings)
+        for name in names_:
+            stream.ensure_group(client, name, settings.stream.group)
+        producer.produce(client, Router.of(settings), 60)  # round robin: 10 each
+        stream.read(client, names_[1], settings.stream.group, "worker_001", 4)
+        snap = monitor.report(settings, redis_cluster.url, pg_schema_dsn)
+        assert [r["length"] for r in snap["partitions"]] == [10] * 6
+        assert [r["pending"] for r in snap["partitions"]] == [0, 4, 0, 0, 0, 0]
+        assert snap["stream"]["length"] == 60
+        [group] = snap["groups"]
+        assert (group["pending"], group["lag"]) == (4, 56)
+        text = generate_latest(registry_for(lambda: snap)).decode()
+        assert 'ratebox_partition_pending{partition="1",stream="' + names_[1] + '"} 4.0' in text
+        assert "ratebox_group_lag{" in text and "} 56.0" in text
+        console = Console(width=100, record=True, color_system=None)
+        console.print(render(snap))
+        shown = console.export_text()
+        assert "Partitions 6" in shown
+        assert "pending 4" in shown  # partition 1's line
+    finally:
+        cleanup(client, settings)
+        client.close()
