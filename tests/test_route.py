@@ -71,3 +71,21 @@ def test_a_router_splits_columns_by_partition_in_order() -> None:
     x = router.target(b'{"k": "x"}')
     mine = [n for n in split[x]["n"] if n != b"2"]
     assert mine == [b"1", b"3"]  # the entries of one key keep their order
+
+
+def test_partitioned_workers_learn_the_live_count_and_restart_when_it_changes() -> None:
+    from ratebox import topology
+    from ratebox.topology import Child
+
+    plain = config.from_mapping({"workers": {"count": 2}}, {})
+    assert topology.desired_children(plain, 3)["worker_001"].settings is plain
+    split = config.from_mapping({"workers": {"count": 2}, "stream": {"partitions": 6}}, {})
+    before = topology.desired_children(split, 2)
+    after = topology.desired_children(split, 3)
+    assert after["worker_001"].settings.workers.count == 3
+    child = Child("worker_001", "worker", before["worker_001"].settings)
+    assert not topology.is_stale(child, topology.desired_children(split, 2)["worker_001"])
+    assert topology.is_stale(child, after["worker_001"])
+    # The sweeper reads every partition whatever the count: never restarted for it.
+    sweeper = Child("sweeper", "sweeper", before["sweeper"].settings)
+    assert not topology.is_stale(sweeper, after["sweeper"])
