@@ -33,6 +33,10 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: A worker's or sweeper's transaction idle this long is ended by PostgreSQL.
+IDLE_IN_TRANSACTION_S = 10.0
+
+
 class Pipeline:
     """Connections plus the one way a batch becomes rows and acknowledgements."""
 
@@ -67,7 +71,14 @@ class Pipeline:
     def pg(self) -> Any:
         """The PostgreSQL connection, opened (and the consumer registered) on first use."""
         if self._pg is None:
-            conn = store.connect(self.dsn, application_name=f"ratebox {self.consumer}")
+            conn = store.connect(
+                self.dsn,
+                application_name=f"ratebox {self.consumer}",
+                # A batch's transaction never waits on anything but the database. One left
+                # idle is a worker frozen or cut off mid-commit, whose row locks (the unique
+                # key, the shared per-minute error counters) would stall every other worker.
+                idle_in_transaction_s=IDLE_IN_TRANSACTION_S,
+            )
             store.register_consumer(conn, self._ident())
             self._pg = conn
         return self._pg

@@ -46,8 +46,14 @@ class MigrationError(RateboxError):
     """A migration file is wrong, was changed after it was applied, or failed to apply."""
 
 
-def connect(dsn: str, application_name: str = "ratebox") -> Connection:
-    """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure."""
+def connect(
+    dsn: str, application_name: str = "ratebox", idle_in_transaction_s: float | None = None
+) -> Connection:
+    """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure.
+
+    ``idle_in_transaction_s``: the server ends this session's transaction when it idles
+    that long (a client frozen or cut off mid-commit must not hold its locks for ever).
+    """
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
@@ -55,6 +61,9 @@ def connect(dsn: str, application_name: str = "ratebox") -> Connection:
         raise ConfigError("postgres.dsn: not a valid libpq DSN or postgresql:// URL") from None
     params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
     params["application_name"] = application_name
+    if idle_in_transaction_s is not None:
+        limit = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_s * 1000)}"
+        params["options"] = f"{params.get('options', '')} {limit}".strip()
     try:
         return psycopg2.connect(**params)
     except psycopg2.Error as exc:
