@@ -25,13 +25,13 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.live import Live
 
-from ratebox import store, stream
+from ratebox import route, store, stream
 from ratebox.config import Settings
 from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
 from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
-from ratebox.partitions import partitioned_figures
+from ratebox.partitions import merge_consumer_rows, partitioned_figures
 from ratebox.pipeline import sleep
 from ratebox.role import Role
 
@@ -125,7 +125,8 @@ def collect(
     try:
         if pg_conn is None:
             raise ConnectionError(pg_error or "not connected")
-        figures = store.monitor_figures(pg_conn, settings.stream.name, TOP_ERRORS)
+        figures = store.monitor_figures(pg_conn, route.stream_names(settings), TOP_ERRORS)
+        figures["consumers"] = merge_consumer_rows(figures["consumers"])
         snap.update(_database_sections(figures))
         snap["servers"]["postgres"] = {"available": True, "error": None}
     except Exception as exc:

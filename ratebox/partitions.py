@@ -115,3 +115,28 @@ def _merge_consumers(consumers: list[Mapping[str, Any]]) -> list[Snapshot]:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms or 0), int(seq or 0)
+
+
+def merge_consumer_rows(rows: Iterable[Mapping[str, Any]]) -> list[Snapshot]:
+    """The database's per-(partition, consumer) performance rows as one row per consumer."""
+    merged: dict[str, Snapshot] = {}
+    for row in rows:
+        seen = merged.get(row["name"])
+        if seen is None:
+            merged[row["name"]] = dict(row)
+            continue
+        for key in ("processed", "errors", "dead_lettered", "total_ms"):
+            seen[key] = (seen.get(key) or 0) + (row.get(key) or 0)
+        maxes = [m for m in (seen.get("max_ms_1h"), row.get("max_ms_1h")) if m is not None]
+        seen["max_ms_1h"] = max(maxes) if maxes else None
+        if row.get("last_active") and (
+            not seen.get("last_active") or row["last_active"] > seen["last_active"]
+        ):
+            for key in ("last_active", "hostname", "pid", "started_at"):
+                seen[key] = row.get(key)
+    for row in merged.values():
+        processed = row.get("processed") or 0
+        row["error_rate"] = (row.get("errors") or 0) / processed if processed else 0.0
+        if processed and row.get("total_ms") is not None:
+            row["avg_ms"] = row["total_ms"] / processed
+    return sorted(merged.values(), key=lambda r: r["name"])

@@ -462,7 +462,8 @@ def test_the_monitor_and_metrics_show_each_partition_and_the_totals(
         for name in names_:
             stream.ensure_group(client, name, settings.stream.group)
         producer.produce(client, Router.of(settings), 60)  # round robin: 10 each
-        stream.read(client, names_[1], settings.stream.group, "worker_001", 4)
+        # worker_002 reads partition 1 (1 mod 2 = 2 − 1): it holds 4 of its entries.
+        stream.read(client, names_[1], settings.stream.group, settings.consumer_name(2), 4)
         snap = monitor.report(settings, redis_cluster.url, pg_schema_dsn)
         assert [r["length"] for r in snap["partitions"]] == [10] * 6
         assert [r["pending"] for r in snap["partitions"]] == [0, 4, 0, 0, 0, 0]
@@ -477,6 +478,22 @@ def test_the_monitor_and_metrics_show_each_partition_and_the_totals(
         shown = console.export_text()
         assert "Partitions 6" in shown
         assert "pending 4" in shown  # partition 1's line
+        # The database figures cover every partition, a consumer's rows summed over them.
+        workers = [
+            Worker(settings, settings.consumer_name(k), redis_cluster.url, pg_schema_dsn)
+            for k in (1, 2)
+        ]
+        deadline = time.monotonic() + 120
+        while sum(map(len, rows_by_stream(pg_schema_dsn).values())) < 60:
+            assert time.monotonic() < deadline
+            for w in workers:
+                w.loop()
+        for w in workers:
+            w.pipeline.reset()
+        snap = monitor.report(settings, redis_cluster.url, pg_schema_dsn)
+        assert snap["database"]["processed"] == 60
+        perf = {c["name"]: c["processed"] for c in snap["consumer_performance"]}
+        assert sum(perf.values()) == 60 and len(perf) == 2
     finally:
         cleanup(client, settings)
         client.close()
