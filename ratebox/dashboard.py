@@ -35,10 +35,8 @@ def snapshot_line(snap: Snapshot) -> str:
             f" dead={st['dead_letter']['length']}"
         )
         for g in snap["groups"]:
-            approx = "~" if g["lag_source"] == "estimate" else ""
             parts.append(
-                f"group {g['name']} consumers={g['consumers']} pending={g['pending']}"
-                f" lag={approx}{_num(g['lag'])}"
+                f"group {g['name']} consumers={g['consumers']} pending={g['pending']} lag={_lag(g)}"
             )
     else:
         parts.append(f"redis unavailable ({servers['redis']['error']})")
@@ -97,7 +95,9 @@ def _header(snap: Snapshot) -> Text:
     )
     for name, server in snap["servers"].items():
         ok = server["available"]
-        text.append(f" {name} ", style="black on green" if ok else "white on red")
+        # Words as well as colour: piped output and colour-blind readers see no colour.
+        label = f" {name} up " if ok else f" {name} DOWN "
+        text.append(label, style="black on green" if ok else "white on red")
         text.append(" ")
     return text
 
@@ -128,7 +128,7 @@ def _groups_table(snap: Snapshot, box: bool = True) -> RenderableType:
         return _unavailable(snap, "redis")
     table = _table(box, "group", "consumers", "pending", "lag", "last delivered")
     for g in snap["groups"]:
-        lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+        lag = _lag(g)
         style = "bold" if g["name"] == snap["group_name"] else ""
         table.add_row(
             g["name"],
@@ -171,8 +171,6 @@ def _database_table(snap: Snapshot, compact: bool = False) -> RenderableType:
     grid.add_row("dead-lettered", _num(t["dead_lettered"]))
     if not compact:
         grid.add_row("processed", _num(db["processed"]))
-        estimate = db["rows_estimate"]
-        grid.add_row("raw_items rows", "-" if estimate is None else f"~{estimate:,}")
     return grid
 
 
@@ -363,7 +361,7 @@ def _compact(snap: Snapshot) -> RenderableType:
             if g is None:
                 text.append("(none yet)")
             else:
-                lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+                lag = _lag(g)
                 text.append(
                     f"{g['name']}  {g['consumers']} consumers · pending {_num(g['pending'])}"
                     f" · lag {lag} · last {_clock(g['last_delivered'])}"
@@ -424,6 +422,11 @@ def _table(box: bool, *columns: str) -> Table:
 
 
 # -- formatting -------------------------------------------------------------------------------
+
+
+def _lag(group: Snapshot) -> str:
+    """A group's lag; "unknown" when Redis neither reports it nor can count it in one sample."""
+    return "unknown" if group["lag"] is None else f"{group['lag']:,}"
 
 
 def _num(value: int | float | None) -> str:

@@ -88,6 +88,7 @@ def collect(
     *,
     sampler: ProcessSampler | None = None,
     pg_error: str | None = None,
+    lag_counter: stream.LagCounter | None = None,
 ) -> Snapshot:
     """Every figure of SPEC §8 as JSON-ready data; a server that fails marks its sections unavailable."""
     started = time.perf_counter()
@@ -113,7 +114,9 @@ def collect(
         if redis_client is None:
             raise ConnectionError("not connected")
         snap["stream"], snap["groups"], snap["partitions"] = partitioned_figures(
-            redis_client, settings, _redis_figures
+            redis_client,
+            settings,
+            lambda client, name, dead: _redis_figures(client, name, dead, lag_counter),
         )
         snap["servers"]["redis"] = {"available": True, "error": None}
     # A dashboard shows whatever it cannot read as unavailable, whatever the reason.
@@ -159,7 +162,9 @@ def report(
             store.close(conn)
 
 
-def _redis_figures(client: redis.Redis, name: str, dead: str) -> tuple[Snapshot, list[Snapshot]]:
+def _redis_figures(
+    client: redis.Redis, name: str, dead: str, lag_counter: stream.LagCounter | None = None
+) -> tuple[Snapshot, list[Snapshot]]:
     info = stream.stream_info(client, name)
     figures: Snapshot = {
         "name": name,
@@ -184,7 +189,7 @@ def _redis_figures(client: redis.Redis, name: str, dead: str) -> tuple[Snapshot,
     groups = []
     for group in stream.groups(client, name):
         group_name = _text(group["name"]) or ""
-        lag, how = stream.group_lag(client, name, group, info)
+        lag, how = stream.group_lag(client, name, group, info, lag_counter)
         groups.append(
             {
                 "name": group_name,
@@ -214,7 +219,6 @@ def _database_sections(figures: Mapping[str, Any]) -> Snapshot:
         "database": {
             "totals": figures["totals"],
             "processed": figures["totals"]["processed"],
-            "rows_estimate": figures["rows_estimate"],
         },
         "consumer_performance": [
             {
@@ -341,6 +345,7 @@ class Monitor(Role):
         live: bool | None = None,
         refresh_s: float | None = None,
         as_json: bool = False,
+        metrics_listen: str | bool | None = True,
     ) -> None:
         super().__init__(beat, parent_pid)
         self.settings = settings
@@ -350,8 +355,13 @@ class Monitor(Role):
         self.live = live
         self.refresh_s = refresh_s or settings.monitor.refresh_s
         self.as_json = as_json
+        # True: the configured monitor.metrics_listen (the supervisor's child); None: none.
+        self.metrics_listen = (
+            settings.monitor.metrics_listen if metrics_listen is True else metrics_listen or None
+        )
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
+        self.lag_counter = stream.LagCounter()
         self._redis: redis.Redis | None = None
         self._pg: Any = None
         self._pg_error: str | None = None
@@ -386,6 +396,7 @@ class Monitor(Role):
             self.status_path,
             sampler=self.sampler,
             pg_error=self._pg_error,
+            lag_counter=self.lag_counter,
         )
         self.latest = snap
         self._note_outages(snap)
@@ -417,7 +428,7 @@ class Monitor(Role):
     # -- helpers ---------------------------------------------------------------------------
 
     def _serve_metrics(self) -> None:
-        listen = self.settings.monitor.metrics_listen
+        listen = self.metrics_listen
         if not listen:
             return
         host, _, port = listen.rpartition(":")
