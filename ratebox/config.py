@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "stream.retention",
-        "1h",
+        "10m",
         duration,
         "acknowledged entries are kept this long for replay, then trimmed",
     ),

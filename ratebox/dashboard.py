@@ -47,7 +47,9 @@ def snapshot_line(snap: Snapshot) -> str:
             f"db done={t['done']} error={t['error']} pending={t['pending']} dead={t['dead_lettered']}"
         )
         tp = snap["throughput"]
-        parts.append(f"rate={tp['per_s_1m']:.1f}/s (1m) {tp['per_s_5m']:.1f}/s (5m)")
+        now = tp.get("per_s_now")
+        current = "" if now is None else f"{now:.1f}/s (10s) "
+        parts.append(f"rate={current}{tp['per_s_1m']:.1f}/s (1-2m) {tp['per_s_5m']:.1f}/s (5-6m)")
         if snap["top_errors"]:
             parts.append(
                 "top " + " ".join(f"{e['code']}x{e['count']}" for e in snap["top_errors"][:3])
@@ -256,8 +258,12 @@ def _throughput_table(snap: Snapshot) -> RenderableType:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="dim")
     grid.add_column(justify="right")
-    grid.add_row("last ~1 min", f"{tp['per_s_1m']:,.1f} msg/s")
-    grid.add_row("last ~5 min", f"{tp['per_s_5m']:,.1f} msg/s")
+    # The current rate needs two samples: the live view and the supervisor's monitor have it.
+    now = tp.get("per_s_now")
+    grid.add_row("last ~10 s", "- (live view)" if now is None else f"{now:,.1f} msg/s")
+    # Per-minute buckets: the current minute so far plus one or five whole minutes before it.
+    grid.add_row("last 1–2 min", f"{tp['per_s_1m']:,.1f} msg/s")
+    grid.add_row("last 5–6 min", f"{tp['per_s_5m']:,.1f} msg/s")
     counts = [m["processed"] for m in tp["minutes"]]
     grid.add_row("per minute", _sparkline(counts) or "-")
     return grid

@@ -347,7 +347,11 @@ def _initdb(data: Path, home: Path, owner: pwd.struct_passwd | None) -> None:
     options += ["--no-instructions"]
     code, out = _run([_pg_bin("initdb"), "-D", data, *options], owner, home, START_TIMEOUT_S * 2)
     if code != 0:
-        raise ServerUnavailable(f"embedded PostgreSQL: initdb of {data} failed: {_last_line(out)}")
+        # initdb's last line is its clean-up ("failed to remove data directory"): the cause
+        # is the first error it printed.
+        errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
+        said = errors[0].strip()[:300] if errors else _last_line(out)
+        raise ServerUnavailable(f"embedded PostgreSQL: initdb of {data} failed: {said}")
     log.info("initialised embedded PostgreSQL cluster in %s", data)
 
 

@@ -33,6 +33,7 @@ from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
 from ratebox.partitions import merge_consumer_rows, partitioned_figures
 from ratebox.pipeline import sleep
+from ratebox.rate import RateWindow
 from ratebox.role import Role
 
 __all__ = ["Monitor", "ProcessSampler", "collect", "render", "run", "snapshot_line"]
@@ -326,6 +327,15 @@ def _ms_since(mark: float) -> float:
 # -- the process ------------------------------------------------------------------------------
 
 
+def _add_current_rate(snap: Snapshot, window: RateWindow) -> None:
+    """Put the rate of committed rows over the last ~10 s into the throughput section."""
+    if snap["database"] is None or snap["throughput"] is None:
+        return
+    window.add(time.monotonic(), snap["database"]["processed"])
+    snap["throughput"]["per_s_now"] = window.rate()
+    snap["throughput"]["now_span_s"] = round(window.span_s(), 1)
+
+
 class Monitor(Role):
     """The monitor process: refresh every refresh_s, show it, serve it; TERM stops it cleanly."""
 
@@ -362,6 +372,7 @@ class Monitor(Role):
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
         self.lag_counter = stream.LagCounter()
+        self.rate = RateWindow()
         self._redis: redis.Redis | None = None
         self._pg: Any = None
         self._pg_error: str | None = None
@@ -398,6 +409,7 @@ class Monitor(Role):
             pg_error=self._pg_error,
             lag_counter=self.lag_counter,
         )
+        _add_current_rate(snap, self.rate)
         self.latest = snap
         self._note_outages(snap)
         if self._screen is not None:

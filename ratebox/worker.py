@@ -163,6 +163,9 @@ class Worker(Role):
         s = self.settings
         redis_ = self.pipeline.redis
         if not self.group_ready:
+            # Register this process (pid, start) now, not at its first batch: an idle worker
+            # restarted under its old name must not show the dead one's pid meanwhile.
+            _ = self.pipeline.pg
             for name, _ in self.partitions:
                 stream.ensure_group(redis_, name, s.stream.group)
             self.group_ready = True

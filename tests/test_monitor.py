@@ -33,6 +33,7 @@ from rich.console import Console
 from ratebox import config, dashboard, monitor, producer, store, stream, stream_lag
 from ratebox.config import Settings
 from ratebox.metrics import registry_for
+from ratebox.rate import RateWindow
 from ratebox.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,6 +322,25 @@ def test_a_backlog_too_long_to_count_in_one_sample_is_unknown_not_a_guess(
     assert stream.group_lag(redis_client, names.stream, group, info) == (None, "unknown")
     snap = {"lag": None, "lag_source": "unknown"}
     assert dashboard._lag(snap) == "unknown"
+
+
+def test_the_current_rate_of_committed_rows_sits_beside_the_minute_history(
+    filled, redis_client, pg_schema_dsn
+) -> None:
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+    finally:
+        conn.close()
+    assert "last ~10 s" in as_text(monitor.render(snap))  # one report: no second sample yet
+    window = RateWindow()
+    processed = snap["database"]["processed"]
+    window.add(time.monotonic() - 5.0, processed - 5_000)  # 5,000 rows in the last 5 s
+    monitor._add_current_rate(snap, window)
+    assert 900 < snap["throughput"]["per_s_now"] <= 1_000
+    text = as_text(monitor.render(snap))
+    assert "last ~10 s" in text and "last 1–2 min" in text and "msg/s" in text
+    assert " (10s) " in dashboard.snapshot_line(snap)
 
 
 def test_the_process_tree_comes_from_the_status_file_with_cpu_and_memory(
