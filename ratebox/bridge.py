@@ -24,6 +24,7 @@ from ratebox import store, store_legacy, stream
 from ratebox.config import Settings
 from ratebox.errors import RateboxError
 from ratebox.pipeline import OUTAGE_ERRORS, Outage
+from ratebox.route import Router
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class Bridge:
         self.dsn = dsn
         self.keep_going = keep_going
         self.advance = advance
-        self.stream = settings.stream.name
+        self.stream = settings.stream.name  # names the mark and the lock, whatever the partitions
+        self.router = Router.of(settings)
         self.counts = Counts(started=time.monotonic())
         self.pg: Any = None
         self.redis: Any = None
@@ -91,7 +93,7 @@ class Bridge:
 
     def connect(self) -> None:
         """Open both connections, take the one-bridge lock, start from the stored mark."""
-        self.redis = stream.connect(self.redis_url)
+        self.redis = stream.connect(self.redis_url, cluster=self.settings.redis.cluster)
         self.pg = store_legacy.bridge_connect(self.dsn)
         if not store_legacy.bridge_lock(self.pg, self.stream):
             raise BridgeBusy(f"another ratebox-bridge is already publishing to {self.stream}")
@@ -116,12 +118,14 @@ class Bridge:
         return store_legacy.count_pending_after(self.pg, self.mark)
 
     def _publish(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        columns = entries(rows)
-        batches = (
-            {key: values[i : i + CHUNK] for key, values in columns.items()}
-            for i in range(0, len(rows), CHUNK)
-        )
-        stream.publish_columns(self.redis, self.stream, batches)
+        # Routed like any producer's items: each partition gets its rows in id order.
+        for target, columns in self.router.split_columns(entries(rows)).items():
+            count = len(columns["data"])
+            batches = (
+                {key: values[i : i + CHUNK] for key, values in columns.items()}
+                for i in range(0, count, CHUNK)
+            )
+            stream.publish_columns(self.redis, target, batches)
         self.above.update(r[0] for r in rows)
         self.counts.published += len(rows)
         if self.advance is not None:

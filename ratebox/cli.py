@@ -163,7 +163,7 @@ def _refuse_if_supervised(settings: config.Settings, name: str, redis_url: str) 
         return
     from ratebox import stream
 
-    client = stream.connect_quick(redis_url)
+    client = stream.connect_quick(redis_url, cluster=settings.redis.cluster)
     try:
         holder = stream.lease_holder(client, settings.lease_key())
     finally:
@@ -241,22 +241,25 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     if redis_url == "embedded":
         redis_url, _ = servers(settings, need_pg=False, config_path=args.config)
     from ratebox import producer, stream
+    from ratebox.route import Router
 
-    client = stream.connect(redis_url)
-    name = settings.stream.name
+    client = stream.connect(redis_url, cluster=settings.redis.cluster)
+    router = Router.of(settings)
+    name = settings.stream.name if len(router.targets) == 1 else f"{len(router.targets)} partitions"
     if args.mode == "info":
-        _print_info(producer.info(client, name))
+        for partition in router.targets:
+            _print_info(producer.info(client, partition))
     elif args.mode == "produce":
         started = time.monotonic()
         with _progress(args.n) as advance:
-            sent = producer.produce(client, name, args.n, args.delay, advance)
+            sent = producer.produce(client, router, args.n, args.delay, advance)
         took = time.monotonic() - started
         print(
             f"published {sent} messages to {name} in {took:.2f} s ({sent / max(took, 1e-9):,.0f}/s)"
         )
     elif args.mode == "continuous":
         stop = _stop_flag()
-        sent = producer.continuous(client, name, args.rate, lambda: not stop)
+        sent = producer.continuous(client, router, args.rate, lambda: not stop)
         print(f"published {sent} messages to {name}")
     else:
         try:
@@ -271,7 +274,7 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
                 f"ratebox-producer file: cannot open {args.path}: {exc.strerror}"
             ) from None
         with handle:
-            sent = producer.publish_file(client, name, handle)
+            sent = producer.publish_file(client, router, handle)
         print(f"published {sent} messages to {name}")
     return EXIT_OK
 
@@ -377,32 +380,48 @@ def main_dlq(argv: Sequence[str] | None = None) -> int:
     settings, redis_url, _ = settings_and_servers(args, "dlq", need_pg=False)
     from ratebox import deadletter, stream
     from ratebox.errors import EXIT_FAILURE
+    from ratebox.route import settings_streams
 
-    client = stream.connect(redis_url)
-    dead = settings.stream.dead_letter
+    client = stream.connect(redis_url, cluster=settings.redis.cluster)
+    partitions = settings_streams(settings)
     if args.action == "list":
-        entries = deadletter.list_entries(client, dead, args.count)
-        for entry in entries:
-            print(entry.line())
-        print(
-            f"{len(entries)} dead-lettered entries shown from {dead} (length {stream.length(client, dead)})"
-        )
+        for _, dead in partitions:
+            entries = deadletter.list_entries(client, dead, args.count)
+            for entry in entries:
+                print(entry.line())
+            print(
+                f"{len(entries)} dead-lettered entries shown from {dead} (length {stream.length(client, dead)})"
+            )
         return EXIT_OK
     if args.action == "replay":
-        done = deadletter.replay(client, dead, settings.stream.name, None if args.all else args.ids)
-        print(f"replayed {len(done.moved)} entries onto {settings.stream.name}")
-        if done.missing:
+        wanted: list[str] | None = None if args.all else list(args.ids)
+        for target, dead in partitions:
+            # An entry goes back onto its own partition: its dead letters share its slot.
+            done = deadletter.replay(client, dead, target, wanted)
+            if done.moved or len(partitions) == 1:
+                print(f"replayed {len(done.moved)} entries onto {target}")
+            if wanted is not None:
+                wanted = list(done.missing)
+                if not wanted:
+                    break
+        if wanted:
+            where = partitions[0][1] if len(partitions) == 1 else "any dead-letter stream"
             print(
-                f"error: not in {dead} (already replayed or purged?): {' '.join(done.missing)}",
+                f"error: not in {where} (already replayed or purged?): {' '.join(wanted)}",
                 file=sys.stderr,
             )
             return EXIT_FAILURE
         return EXIT_OK
+    total = sum(stream.length(client, dead) for _, dead in partitions)
     if not args.yes:
-        raise UsageError(
-            f"ratebox-dlq purge: would drop {stream.length(client, dead)} entries from {dead}; add --yes to confirm"
+        where = (
+            partitions[0][1] if len(partitions) == 1 else f"{len(partitions)} dead-letter streams"
         )
-    print(f"purged {deadletter.purge(client, dead)} entries from {dead}")
+        raise UsageError(
+            f"ratebox-dlq purge: would drop {total} entries from {where}; add --yes to confirm"
+        )
+    for _, dead in partitions:
+        print(f"purged {deadletter.purge(client, dead)} entries from {dead}")
     return EXIT_OK
 
 

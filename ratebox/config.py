@@ -66,6 +66,11 @@ def name(value: Any) -> str:
     return value
 
 
+def optional_name(value: Any) -> str | None:
+    """null, or a name as for :func:`name`."""
+    return None if value is None else name(value)
+
+
 def text(value: Any) -> str:
     """A non-empty string."""
     if not isinstance(value, str) or not value.strip():
@@ -128,6 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
         "REDIS_URL",
     ),
     Setting(
+        "redis.cluster",
+        False,
+        boolean,
+        "redis.url is any node of a Redis Cluster (partitions spread over its masters)",
+    ),
+    Setting(
         "postgres.dsn", "embedded", text, "embedded, or a libpq URL / key=value DSN", "POSTGRES_DSN"
     ),
     Setting(
@@ -151,6 +162,18 @@ SETTINGS: tuple[Setting, ...] = (
         "10m",
         duration,
         "acknowledged entries are kept this long for replay, then trimmed",
+    ),
+    Setting(
+        "stream.partitions",
+        1,
+        integer(1, 1024),
+        "streams {NAME:p} the items are spread over (1 with cluster false: the stream NAME)",
+    ),
+    Setting(
+        "stream.partition_key",
+        None,
+        optional_name,
+        "field of data whose value picks the partition (null: round robin)",
     ),
     Setting("workers.count", 4, integer(1, 256), "worker processes under the supervisor"),
     Setting(
@@ -389,6 +412,11 @@ def _check_together(values: Mapping[str, Any]) -> None:
         )
     if values["stream.dead_letter"] == values["stream.name"]:
         raise ConfigError("stream.dead_letter: must differ from stream.name")
+    # The embedded server is one node on a unix socket: there is no cluster to join.
+    if values["redis.cluster"] and values["redis.url"].startswith(("embedded", "unix://")):
+        raise ConfigError(
+            "redis.cluster: needs redis.url to be a redis:// or rediss:// node of the cluster"
+        )
 
 
 def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:

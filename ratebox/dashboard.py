@@ -332,7 +332,10 @@ def _full(snap: Snapshot, wide: bool) -> RenderableType:
     def panel(title: str, body: RenderableType) -> Panel:
         return Panel(body, title=f"[bold]{title}", title_align="left", border_style="blue")
 
-    stream_p = panel("Stream", _stream_table(snap))
+    stream_body: RenderableType = _stream_table(snap)
+    if snap.get("partitions"):
+        stream_body = Group(stream_body, _partitions_text(snap["partitions"]))
+    stream_p = panel("Stream", stream_body)
     groups_p = panel("Consumer groups", _groups_table(snap))
     consumers_p = panel("Consumers", _consumers_table(snap))
     database_p = panel("Database", _database_table(snap))
@@ -391,6 +394,8 @@ def _compact(snap: Snapshot) -> RenderableType:
                     f" · lag {lag} · last {_clock(g['last_delivered'])}"
                 )
             lines.append(text)
+    if snap.get("partitions"):
+        lines.append(_partitions_text(snap["partitions"]))
     lines.append(_titled("Consumers", _merged_consumers(snap)))
     lines.append(
         _side_by_side(
@@ -508,3 +513,22 @@ def _sparkline(values: list[int]) -> str:
     return "".join(
         _SPARKS[min(int(v / top * (len(_SPARKS) - 1)), len(_SPARKS) - 1)] for v in values
     )
+
+
+#: Partitions shown one line each; beyond this many, the busiest ones and a summary of the rest.
+PARTITION_ROWS = 8
+
+
+def _partitions_text(rows: list[Snapshot]) -> RenderableType:
+    """Partitions, a line each (the busiest first when there are many), lag and pending."""
+    text = Text("Partitions ", style="bold")
+    text.append(f"{len(rows)}")
+    shown = sorted(rows, key=lambda r: -((r["lag"] or 0) + r["pending"]))[:PARTITION_ROWS]
+    for r in sorted(shown, key=lambda r: r["partition"]):
+        text.append(
+            f"\n  {r['partition']:>4}  len {_num(r['length'])} · pending {_num(r['pending'])}"
+            f" · lag {_num(r['lag'])} · dead {_num(r['dead_letter'])}"
+        )
+    if len(rows) > len(shown):
+        text.append(f"\n  … {len(rows) - len(shown)} more, quieter")
+    return text

@@ -31,6 +31,7 @@ def metric_families(snap: Snapshot) -> Iterator[Metric]:
         [([], snap["timings_ms"]["total"] / 1000)],
     )
     yield from _stream_metrics(snap)
+    yield from _partition_metrics(snap)
     yield from _database_metrics(snap)
     yield from _process_metrics(snap)
 
@@ -51,6 +52,26 @@ def _counter(
     for values, value in samples:
         family.add_metric(values, value)
     return family
+
+
+def _partition_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Each partition's figures (label partition); the stream and group metrics are the totals."""
+    rows = snap.get("partitions") or []
+    if not rows:
+        return
+    labels = ["partition", "stream"]
+    for key, doc in (
+        ("length", "Entries in the partition's stream (XLEN)"),
+        ("pending", "Entries delivered and not yet acknowledged, in the partition"),
+        ("lag", "Entries of the partition not yet delivered to the group"),
+        ("dead_letter", "Entries in the partition's dead-letter stream"),
+    ):
+        yield _gauge(
+            f"ratebox_partition_{key}",
+            doc,
+            [([str(r["partition"]), r["name"]], r[key]) for r in rows if r[key] is not None],
+            labels,
+        )
 
 
 def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:

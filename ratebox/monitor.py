@@ -25,12 +25,13 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.live import Live
 
-from ratebox import store, stream
+from ratebox import route, store, stream
 from ratebox.config import Settings
 from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
 from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
+from ratebox.partitions import merge_consumer_rows, partitioned_figures
 from ratebox.pipeline import sleep
 from ratebox.rate import RateWindow
 from ratebox.role import Role
@@ -105,6 +106,7 @@ def collect(
         "top_errors": [],
         "throughput": None,
         "processes": None,
+        "partitions": [],
     }
     timings: dict[str, float] = {}
 
@@ -112,7 +114,11 @@ def collect(
     try:
         if redis_client is None:
             raise ConnectionError("not connected")
-        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings, lag_counter)
+        snap["stream"], snap["groups"], snap["partitions"] = partitioned_figures(
+            redis_client,
+            settings,
+            lambda client, name, dead: _redis_figures(client, name, dead, lag_counter),
+        )
         snap["servers"]["redis"] = {"available": True, "error": None}
     # A dashboard shows whatever it cannot read as unavailable, whatever the reason.
     except Exception as exc:
@@ -123,7 +129,8 @@ def collect(
     try:
         if pg_conn is None:
             raise ConnectionError(pg_error or "not connected")
-        figures = store.monitor_figures(pg_conn, settings.stream.name, TOP_ERRORS)
+        figures = store.monitor_figures(pg_conn, route.stream_names(settings), TOP_ERRORS)
+        figures["consumers"] = merge_consumer_rows(figures["consumers"])
         snap.update(_database_sections(figures))
         snap["servers"]["postgres"] = {"available": True, "error": None}
     except Exception as exc:
@@ -143,7 +150,7 @@ def report(
     settings: Settings, redis_url: str, dsn: str, status_path: str | None = None
 ) -> Snapshot:
     """One snapshot with connections of its own (ratebox-monitor without ``continuous``)."""
-    client = stream.connect(redis_url, check=False)
+    client = stream.connect(redis_url, check=False, cluster=settings.redis.cluster)
     try:
         conn, error = store.connect(dsn, application_name="ratebox monitor"), None
     except RateboxError as exc:
@@ -157,9 +164,8 @@ def report(
 
 
 def _redis_figures(
-    client: redis.Redis, settings: Settings, lag_counter: stream.LagCounter | None = None
+    client: redis.Redis, name: str, dead: str, lag_counter: stream.LagCounter | None = None
 ) -> tuple[Snapshot, list[Snapshot]]:
-    name, dead = settings.stream.name, settings.stream.dead_letter
     info = stream.stream_info(client, name)
     figures: Snapshot = {
         "name": name,
@@ -477,7 +483,9 @@ class Monitor(Role):
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = stream.connect(self.redis_url, check=False)
+            self._redis = stream.connect(
+                self.redis_url, check=False, cluster=self.settings.redis.cluster
+            )
         return self._redis
 
     def _pg_conn(self) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from ratebox import legacy, store, store_legacy, stream, verdict
+from ratebox import legacy, route, store, store_legacy, stream, verdict
 from ratebox.config import Settings
 from ratebox.errors import ServerUnavailable
 from ratebox.rules import Engine
@@ -33,6 +33,10 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: A worker's or sweeper's transaction idle this long is ended by PostgreSQL.
+IDLE_IN_TRANSACTION_S = 10.0
+
+
 class Pipeline:
     """Connections plus the one way a batch becomes rows and acknowledgements."""
 
@@ -44,7 +48,8 @@ class Pipeline:
         self.redis_url = redis_url
         self.dsn = dsn
         self.engine = engine
-        self.stream = settings.stream.name
+        #: The partition the next batch comes from and goes to (see use()).
+        self.stream, self.dead = route.settings_streams(settings)[0]
         self.group = settings.stream.group
         self.started_at = datetime.now(timezone.utc)
         self._redis: redis.Redis | None = None
@@ -55,7 +60,10 @@ class Pipeline:
         """The Redis client, connected on first use."""
         if self._redis is None:
             self._redis = stream.connect(
-                self.redis_url, self.settings.workers.block_ms, check=False
+                self.redis_url,
+                self.settings.workers.block_ms,
+                check=False,
+                cluster=self.settings.redis.cluster,
             )
         return self._redis
 
@@ -63,7 +71,14 @@ class Pipeline:
     def pg(self) -> Any:
         """The PostgreSQL connection, opened (and the consumer registered) on first use."""
         if self._pg is None:
-            conn = store.connect(self.dsn, application_name=f"ratebox {self.consumer}")
+            conn = store.connect(
+                self.dsn,
+                application_name=f"ratebox {self.consumer}",
+                # A batch's transaction never waits on anything but the database. One left
+                # idle is a worker frozen or cut off mid-commit, whose row locks (the unique
+                # key, the shared per-minute error counters) would stall every other worker.
+                idle_in_transaction_s=IDLE_IN_TRANSACTION_S,
+            )
             store.register_consumer(conn, self._ident())
             self._pg = conn
         return self._pg
@@ -77,6 +92,10 @@ class Pipeline:
             pid=os.getpid(),
             started_at=self.started_at,
         )
+
+    def use(self, partition: tuple[str, str]) -> None:
+        """Work on this partition (stream, dead-letter stream): its rows carry its name."""
+        self.stream, self.dead = partition
 
     def reset(self) -> None:
         """Drop both connections after an outage; the next use reconnects."""
@@ -119,7 +138,7 @@ class Pipeline:
             self.redis,
             self.stream,
             self.group,
-            self.settings.stream.dead_letter,
+            self.dead,
             entry_id,
             fields,
             extra,

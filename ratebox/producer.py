@@ -17,6 +17,7 @@ import orjson
 import redis
 
 from ratebox import stream
+from ratebox.route import Router
 
 log = logging.getLogger(__name__)
 
@@ -330,19 +331,33 @@ def _batches(
             progress(size)
 
 
+def _router(name: str | Router) -> Router:
+    return name if isinstance(name, Router) else Router([name])
+
+
 def produce(
     client: redis.Redis,
-    name: str,
+    name: str | Router,
     n: int,
     delay: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Publish ``n`` entries: pipelined 1,000 per script call, or one every ``delay`` seconds."""
+    """Publish ``n`` entries: pipelined 1,000 per script call, or one every ``delay`` seconds.
+
+    ``name`` is a stream, or a Router that sends each entry to its partition.
+    """
+    router = _router(name)
     if delay <= 0:
-        return stream.publish_columns(client, name, _batches(n, progress=progress))
+        if len(router.targets) == 1:
+            return stream.publish_columns(client, router.targets[0], _batches(n, progress=progress))
+        sent = 0
+        for columns in _batches(n, progress=progress):
+            for target, part in router.split_columns(columns).items():
+                sent += stream.publish_columns(client, target, [part])
+        return sent
     sent = 0
     for fields in _entries(n):
-        client.xadd(name, fields)  # type: ignore[arg-type]
+        client.xadd(router.target(fields["data"]), fields)  # type: ignore[arg-type]
         sent += 1
         if progress:
             progress(1)
@@ -352,7 +367,7 @@ def produce(
 
 def continuous(
     client: redis.Redis,
-    name: str,
+    name: str | Router,
     rate: float,
     keep_going: Callable[[], bool],
     tick_s: float = 0.01,
@@ -364,7 +379,7 @@ def continuous(
     while keep_going():
         due = int((time.monotonic() - started) * rate) - sent
         if due > 0:
-            sent += len(stream.publish(client, name, islice(items, min(due, 5000))))
+            sent += publish_routed(client, name, islice(items, min(due, 5000)))
         else:
             time.sleep(tick_s)
     return sent
@@ -384,9 +399,23 @@ def from_lines(lines: Iterable[str]) -> Iterator[dict[str, str]]:
         yield entry(item, batch, data=text)
 
 
-def publish_file(client: redis.Redis, name: str, handle: IO[str]) -> int:
+def publish_file(client: redis.Redis, name: str | Router, handle: IO[str]) -> int:
     """Publish one entry per JSON line of an open file."""
-    return len(stream.publish(client, name, from_lines(handle)))
+    return publish_routed(client, name, from_lines(handle))
+
+
+def publish_routed(
+    client: redis.Redis, name: str | Router, messages: Iterable[Any], chunk: int = 1000
+) -> int:
+    """Publish entries to their partitions, ``chunk`` at a time; returns how many."""
+    router = _router(name)
+    if len(router.targets) == 1:
+        return len(stream.publish(client, router.targets[0], messages))
+    sent, rest = 0, iter(messages)
+    while batch := list(islice(rest, chunk)):
+        for target, part in router.split(batch).items():
+            sent += len(stream.publish(client, target, part))
+    return sent
 
 
 def info(client: redis.Redis, name: str) -> dict[str, Any]:

@@ -10,8 +10,9 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
-from ratebox import store, stream, verdict
+from ratebox import route, store, stream, verdict
 from ratebox.config import Settings
 from ratebox.rules import Engine, compile_rules
 
@@ -73,26 +74,12 @@ def replay_range(
     first, last = to_stream_id(start), to_stream_id(end)
     engine = engine or compile_rules(settings.rules)
     name = settings.stream.name
-    client = stream.connect(redis_url)
+    client = stream.connect(redis_url, cluster=settings.redis.cluster)
     conn = store.connect(dsn, application_name="ratebox replay")
     counts = Counts()
     try:
-        cursor = first
-        while True:
-            entries = stream.entries_between(client, name, cursor, last, PAGE)
-            # A trimmed or deleted entry has no payload left to judge.
-            judged = [e for e in entries if e[1]]
-            if judged:
-                rows = verdict.judge_all(judged, engine, settings.limits.max_message_bytes)
-                found = store.update_verdicts(conn, name, rows)
-                counts.read += len(rows)
-                counts.changed += found["changed"]
-                counts.unchanged += found["unchanged"]
-                counts.skipped += found["skipped"]
-                counts.missing += len(rows) - sum(found.values())
-            if len(entries) < PAGE:
-                break
-            cursor = "(" + entries[-1][0]
+        for partition in route.stream_names(settings):
+            _replay_one(settings, client, conn, engine, partition, first, last, counts)
     finally:
         store.close(conn)
         client.close()
@@ -109,3 +96,32 @@ def replay_range(
         counts.missing,
     )
     return counts
+
+
+def _replay_one(
+    settings: Settings,
+    client: Any,
+    conn: Any,
+    engine: Engine,
+    name: str,
+    first: str,
+    last: str,
+    counts: Counts,
+) -> None:
+    """Judge one partition's entries between two IDs again, adding to ``counts``."""
+    cursor = first
+    while True:
+        entries = stream.entries_between(client, name, cursor, last, PAGE)
+        # A trimmed or deleted entry has no payload left to judge.
+        judged = [e for e in entries if e[1]]
+        if judged:
+            rows = verdict.judge_all(judged, engine, settings.limits.max_message_bytes)
+            found = store.update_verdicts(conn, name, rows)
+            counts.read += len(rows)
+            counts.changed += found["changed"]
+            counts.unchanged += found["unchanged"]
+            counts.skipped += found["skipped"]
+            counts.missing += len(rows) - sum(found.values())
+        if len(entries) < PAGE:
+            break
+        cursor = "(" + entries[-1][0]

@@ -48,8 +48,14 @@ class MigrationError(RateboxError):
     """A migration file is wrong, was changed after it was applied, or failed to apply."""
 
 
-def connect(dsn: str, application_name: str = "ratebox") -> Connection:
-    """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure."""
+def connect(
+    dsn: str, application_name: str = "ratebox", idle_in_transaction_s: float | None = None
+) -> Connection:
+    """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure.
+
+    ``idle_in_transaction_s``: the server ends this session's transaction when it idles
+    that long (a client frozen or cut off mid-commit must not hold its locks for ever).
+    """
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
@@ -57,6 +63,9 @@ def connect(dsn: str, application_name: str = "ratebox") -> Connection:
         raise ConfigError("postgres.dsn: not a valid libpq DSN or postgresql:// URL") from None
     params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
     params["application_name"] = application_name
+    if idle_in_transaction_s is not None:
+        limit = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_s * 1000)}"
+        params["options"] = f"{params.get('options', '')} {limit}".strip()
     try:
         return psycopg2.connect(**params)
     except psycopg2.Error as exc:
@@ -538,7 +547,7 @@ _TOTALS = """
 SELECT coalesce(sum(processed), 0)::bigint,
        coalesce(sum(errors), 0)::bigint,
        coalesce(sum(dead_lettered), 0)::bigint
-FROM stream_consumer_stats WHERE stream_name = %s
+FROM stream_consumer_stats WHERE stream_name = ANY(%s)
 """
 # Index-only scan of raw_items_pending_idx (002), which is small because pending rows are few.
 # Not filtered by stream: that would need the heap; a schema serves one stream in practice.
@@ -556,7 +565,7 @@ LEFT JOIN LATERAL (
     WHERE p.minute >= now() - interval '1 hour'
       AND p.stream_name = s.stream_name AND p.consumer_name = s.consumer_name
 ) AS m ON true
-WHERE s.stream_name = %s
+WHERE s.stream_name = ANY(%s)
 ORDER BY s.consumer_name
 """
 
@@ -570,7 +579,7 @@ SELECT error_code AS code, field, count, sample_message AS sample FROM v_top_err
 _THROUGHPUT = """
 SELECT minute, sum(processed)::bigint, sum(errors)::bigint
 FROM stream_processing_metrics
-WHERE stream_name = %s AND minute >= date_trunc('minute', now()) - make_interval(mins => %s)
+WHERE stream_name = ANY(%s) AND minute >= date_trunc('minute', now()) - make_interval(mins => %s)
 GROUP BY minute
 ORDER BY minute
 """
@@ -582,13 +591,17 @@ SELECT coalesce(sum(processed) FILTER (WHERE minute >= w.m1), 0)
        coalesce(sum(processed), 0) / extract(epoch FROM now() - w.m5)::float8
 FROM (SELECT date_trunc('minute', now()) - interval '1 minute' AS m1,
              date_trunc('minute', now()) - interval '5 minutes' AS m5) AS w
-LEFT JOIN stream_processing_metrics AS p ON p.stream_name = %s AND p.minute >= w.m5
+LEFT JOIN stream_processing_metrics AS p ON p.stream_name = ANY(%s) AND p.minute >= w.m5
 GROUP BY w.m1, w.m5
 """
 
 
-def monitor_figures(conn: Any, stream_name: str, top: int = 10) -> dict[str, Any]:
-    """Every database figure of the monitor report, read in one read-only transaction."""
+def monitor_figures(conn: Any, stream_name: str | Sequence[str], top: int = 10) -> dict[str, Any]:
+    """Every database figure of the monitor report, read in one read-only transaction.
+
+    ``stream_name`` may be several streams (the partitions of one): figures cover them all.
+    """
+    stream_name = [stream_name] if isinstance(stream_name, str) else list(stream_name)
     try:
         with conn.cursor() as cur:
             cur.execute("SET TRANSACTION READ ONLY")
@@ -610,7 +623,7 @@ def monitor_figures(conn: Any, stream_name: str, top: int = 10) -> dict[str, Any
                 conn.rollback()
 
 
-def _status_totals(cur: Any, stream_name: str) -> dict[str, int]:
+def _status_totals(cur: Any, stream_name: list[str]) -> dict[str, int]:
     cur.execute(_TOTALS, (stream_name,))
     processed, errors, dead = cur.fetchone()
     cur.execute(_PENDING)
@@ -624,7 +637,7 @@ def _status_totals(cur: Any, stream_name: str) -> dict[str, int]:
     }
 
 
-def _consumer_performance(cur: Any, stream_name: str) -> list[dict[str, Any]]:
+def _consumer_performance(cur: Any, stream_name: list[str]) -> list[dict[str, Any]]:
     cur.execute(_CONSUMERS, (stream_name,))
     return _dicts(cur)
 
@@ -644,7 +657,7 @@ def _dicts(cur: Any) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cur]
 
 
-def _throughput(cur: Any, stream_name: str) -> dict[str, Any]:
+def _throughput(cur: Any, stream_name: list[str]) -> dict[str, Any]:
     cur.execute(_THROUGHPUT, (stream_name, THROUGHPUT_MINUTES))
     minutes = [{"minute": m, "processed": p, "errors": e} for m, p, e in cur]
     cur.execute(_RATES, (stream_name,))

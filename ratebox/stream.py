@@ -10,6 +10,7 @@ from typing import Any
 import hiredis
 import redis
 
+from ratebox import stream_cluster
 from ratebox.errors import ServerUnavailable
 from ratebox.mask import mask_url
 from ratebox.stream_lag import LagCounter, group_lag  # noqa: F401  (callers use stream.*)
@@ -24,13 +25,17 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     redis.BusyLoadingError,
     ConnectionError,
     OSError,
+    *stream_cluster.CLUSTER_OUTAGE_ERRORS,
 )
 
 
-def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
-    """A client for ``url`` (bytes replies); ``check`` pings once and raises ServerUnavailable."""
-    client = redis.Redis.from_url(
-        url,
+def connect(url: str, block_ms: int = 0, check: bool = True, cluster: bool = False) -> redis.Redis:
+    """A client for ``url`` (bytes replies); ``check`` pings once and raises ServerUnavailable.
+
+    With ``cluster``, a RedisCluster discovered from the node ``url`` names.
+    """
+    make: Any = stream_cluster.connect_cluster if cluster else redis.Redis.from_url
+    options: dict[str, Any] = dict(
         decode_responses=False,
         socket_connect_timeout=5,
         # A blocked XREADGROUP must not look like a dead socket.
@@ -39,16 +44,22 @@ def connect(url: str, block_ms: int = 0, check: bool = True) -> redis.Redis:
         **({} if url.startswith("unix://") else {"socket_keepalive": True}),
         health_check_interval=30,
     )
-    # XREADGROUP replies are parsed once, by _entries(), rather than first into redis-py's
-    # tuples and dicts and then again: about 1 µs less client CPU per entry read.
-    client.set_response_callback("XREADGROUP", _raw_reply)
     if check:
         try:
+            client = make(url, **options)  # a cluster client reads the slot map right here
             client.ping()
         except OUTAGE_ERRORS as exc:
             raise ServerUnavailable(
                 f"cannot reach Redis at {mask_url(url)}: {reason(exc)}"
             ) from None
+    else:
+        client = make(url, **options)
+    # XREADGROUP replies are parsed once, by _entries(), rather than first into redis-py's
+    # tuples and dicts and then again: about 1 µs less client CPU per entry read.
+    client.set_response_callback("XREADGROUP", _raw_reply)
+    stream_cluster.on_every_node(
+        client, lambda node: node.set_response_callback("XREADGROUP", _raw_reply)
+    )
     return client
 
 
@@ -108,6 +119,9 @@ def read(
     block_ms: int | None = None,
 ) -> list[Entry]:
     """XREADGROUP: new entries (``>``) or this consumer's own pending entries after ``start``."""
+    # Straight to the slot's master: the cluster client would first ask a node for the
+    # command's keys (COMMAND GETKEYS), one more round trip per read. A MOVED is an outage.
+    client = stream_cluster.node_for(client, stream)
     reply = client.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
     return _entries(reply)
 
@@ -231,6 +245,8 @@ def _add_many(
     want_ids: bool,
 ) -> Iterator[Any]:
     """The reply of each _ADD_MANY call, _IN_FLIGHT calls pipelined on one connection."""
+    cluster = client
+    client = stream_cluster.node_for(cluster, stream)  # the calls go to the slot's master
     sha = client.script_load(_ADD_MANY)
     conn = client.connection_pool.get_connection()
     in_flight = 0
@@ -249,8 +265,10 @@ def _add_many(
                 in_flight += 1
         for _ in range(in_flight):
             yield conn.read_response()
-    except BaseException:
+    except BaseException as exc:
         conn.disconnect()  # replies may still be on the way: this socket is unusable
+        if isinstance(exc, OUTAGE_ERRORS):
+            stream_cluster.forget_slots(cluster)  # the slot may have moved: ask again
         raise
     finally:
         client.connection_pool.release(conn)
@@ -579,12 +597,13 @@ return {1, 0}
 """
 
 
-def connect_quick(url: str, timeout_s: float = 2.0) -> redis.Redis:
+def connect_quick(url: str, timeout_s: float = 2.0, cluster: bool = False) -> redis.Redis:
     """A client with short timeouts for the supervisor's loop; pings once (ServerUnavailable)."""
-    client = redis.Redis.from_url(
-        url, decode_responses=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    make: Any = stream_cluster.connect_cluster if cluster else redis.Redis.from_url
     try:
+        client = make(
+            url, decode_responses=False, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         client.ping()
     except OUTAGE_ERRORS as exc:
         raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None

@@ -28,7 +28,7 @@ from signal import SIGABRT, SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, 
 from types import FrameType
 from typing import Any
 
-from ratebox import config, heartbeat, stream, systemd, topology
+from ratebox import config, heartbeat, route, stream, systemd, topology
 from ratebox import log as ratebox_log
 from ratebox.config import Settings
 from ratebox.errors import (
@@ -68,6 +68,9 @@ FIXED_ON_RELOAD = tuple(
         "stream.name",
         "stream.group",
         "workers.name_prefix",
+        "redis.cluster",
+        "stream.partitions",
+        "stream.partition_key",
     ]
 )
 _ROLE_ORDER = {"worker": 0, "sweeper": 1, "monitor": 2}
@@ -149,7 +152,7 @@ class Supervisor:
             )
         self._abort_if_asked()
         # The lease before migrations: a duplicate is refused before it touches the database.
-        self.redis = stream.connect_quick(self.redis_url)
+        self.redis = stream.connect_quick(self.redis_url, cluster=s.redis.cluster)
         try:
             holder = self._take_lease()
         except stream.OUTAGE_ERRORS as exc:
@@ -339,10 +342,13 @@ class Supervisor:
         s = self.settings
         if self.redis is None:  # never initialized (tests)
             return
+        deleted, pending = True, 0
         try:
-            deleted, pending = stream.delete_consumer_if_idle(
-                self.redis, s.stream.name, s.stream.group, name
-            )
+            for partition in route.stream_names(s):
+                gone, held = stream.delete_consumer_if_idle(
+                    self.redis, partition, s.stream.group, name
+                )
+                deleted, pending = deleted and gone, pending + held
         except stream.OUTAGE_ERRORS as exc:
             log.warning("consumer %s left for the sweeper: %s", name, stream.reason(exc))
             return

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ratebox import store, stream
+from ratebox import route, store, stream
 from ratebox.config import Settings
 from ratebox.pipeline import OUTAGE_ERRORS, Pipeline, sleep
 from ratebox.role import Role
@@ -79,6 +79,10 @@ class Sweeper(Role):
         #: An entry claimed but not yet committed when an outage struck: finished first, without
         #: claiming it again (a claim counts a delivery, and the outage was not its fault).
         self.in_hand: tuple[Entry, int] | None = None
+        #: Every partition (stream, dead-letter stream), each swept in turn.
+        self.partitions = route.settings_streams(settings)
+        #: The partition of the entry in hand.
+        self.in_hand_partition = self.partitions[0]
         self.totals = Sweep()
         prefix = settings.consumer_name(1).rsplit("_", 1)[0]
         self._ours = re.compile(rf"^(?:{re.escape(prefix)}_\d{{3,}}|{NAME})$")
@@ -91,7 +95,7 @@ class Sweeper(Role):
         s = self.settings
         log.info(
             "started on %s/%s: every %gs, claiming entries idle over %d ms",
-            s.stream.name,
+            ", ".join(name for name, _ in self.partitions),
             s.stream.group,
             s.sweeper.interval_s,
             s.sweeper.min_idle_ms,
@@ -126,20 +130,29 @@ class Sweeper(Role):
     # -- one sweep -------------------------------------------------------------------------
 
     def loop(self) -> Sweep:
-        """One sweep: trim, remove ghosts, then reclaim idle entries. Outages propagate."""
+        """One sweep of every partition: trim, remove ghosts, then reclaim idle entries.
+
+        Outages propagate."""
         sweep = Sweep()
         try:
             if not self.group_ready:
                 s = self.settings
-                stream.ensure_group(self.pipeline.redis, s.stream.name, s.stream.group)
+                for name, _ in self.partitions:
+                    stream.ensure_group(self.pipeline.redis, name, s.stream.group)
                 self.group_ready = True
-            # Redis-only steps first: they are safe, and useful, while PostgreSQL is down.
-            if self.keep_going():
-                sweep.trimmed = self.trim()
-            if self.keep_going():
-                sweep.ghosts = self.remove_ghosts()
-            if self.keep_going():
-                self.reclaim(sweep)
+            if self.in_hand is not None:
+                # Finished first, on its own partition, before anything is claimed again.
+                self.pipeline.use(self.in_hand_partition)
+                self._settle(*self.in_hand, sweep)
+            for partition in self.partitions:
+                self.pipeline.use(partition)
+                # Redis-only steps first: they are safe, and useful, while PostgreSQL is down.
+                if self.keep_going():
+                    sweep.trimmed += self.trim()
+                if self.keep_going():
+                    sweep.ghosts += self.remove_ghosts()
+                if self.keep_going():
+                    self.reclaim(sweep)
         finally:
             self.totals.add(sweep)
             if sweep:
@@ -159,12 +172,13 @@ class Sweeper(Role):
         s = self.settings
         if self.in_hand is not None:
             self._settle(*self.in_hand, sweep)
+        name = self.pipeline.stream
         # A claim counts a delivery: with PostgreSQL down the claimed entry could only fail,
         # and a long outage would walk good messages to the dead-letter stream. So nothing is
         # claimed until the database answers.
         store.ping(self.pipeline.pg)
         candidates = stream.pending_idle(
-            self.pipeline.redis, s.stream.name, s.stream.group, s.sweeper.min_idle_ms, MAX_PER_SWEEP
+            self.pipeline.redis, name, s.stream.group, s.sweeper.min_idle_ms, MAX_PER_SWEEP
         )
         # Least-delivered first, and claimed one at a time: if a poison pill kills or hangs the
         # sweeper, only the pill has had a delivery counted; the entries behind it were not
@@ -176,7 +190,7 @@ class Sweeper(Role):
             self.beat()
             outcome, entry = stream.claim_one(
                 self.pipeline.redis,
-                s.stream.name,
+                name,
                 s.stream.group,
                 NAME,
                 s.sweeper.min_idle_ms,
@@ -192,7 +206,13 @@ class Sweeper(Role):
 
     def _settle(self, entry: Entry, deliveries: int, sweep: Sweep) -> None:
         """Process a claimed entry, or dead-letter it when it has failed max_retries deliveries."""
-        self.in_hand = (entry, deliveries)
+        self.in_hand, self.in_hand_partition = (
+            (entry, deliveries),
+            (
+                self.pipeline.stream,
+                self.pipeline.dead,
+            ),
+        )
         if deliveries > self.settings.workers.max_retries:
             self.pipeline.dead_letter(
                 entry, deliveries, f"processing failed on {deliveries - 1} deliveries"
@@ -218,13 +238,12 @@ class Sweeper(Role):
     def trim(self) -> int:
         """Trim acknowledged entries older than stream.retention; returns how many went."""
         s = self.settings
+        name = self.pipeline.stream
         trimmed, bound = stream.trim_acknowledged(
-            self.pipeline.redis, s.stream.name, int(s.stream.retention * 1000)
+            self.pipeline.redis, name, int(s.stream.retention * 1000)
         )
         if trimmed:
-            log.info(
-                "trimmed %d acknowledged entries of %s before %s", trimmed, s.stream.name, bound
-            )
+            log.info("trimmed %d acknowledged entries of %s before %s", trimmed, name, bound)
         return trimmed
 
     def remove_ghosts(self) -> list[str]:
@@ -232,7 +251,8 @@ class Sweeper(Role):
         s = self.settings
         idle_ms = int(s.sweeper.ghost_idle_s * 1000)
         removed: list[str] = []
-        for consumer in stream.consumers(self.pipeline.redis, s.stream.name, s.stream.group):
+        where = self.pipeline.stream
+        for consumer in stream.consumers(self.pipeline.redis, where, s.stream.group):
             name = _text(consumer["name"])
             # A live worker's idle time resets on every read (from Redis 7.2; before, on every
             # read that returns entries), so a long idle time is the sign of a name no process
@@ -246,7 +266,7 @@ class Sweeper(Role):
             ):
                 continue
             if stream.remove_idle_consumer(
-                self.pipeline.redis, s.stream.name, s.stream.group, name, idle_ms
+                self.pipeline.redis, where, s.stream.group, name, idle_ms
             ):
                 log.info(
                     "removed ghost consumer %s (idle %.0f s, nothing pending)",

@@ -7,10 +7,12 @@ supervisor carries the actions out; tests call these directly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ratebox.config import Settings
@@ -86,11 +88,22 @@ class Action:
 def desired_children(settings: Settings, workers: int) -> dict[str, Spec]:
     """The children the settings ask for, workers first, in name order."""
     names = [settings.consumer_name(i) for i in range(1, workers + 1)]
-    desired = {name: Spec(name, "worker", settings) for name in names}
+    # Partitioned, a worker's partitions depend on how many workers there are (see
+    # ratebox.route.assigned): it must know the count it runs among.
+    mine = with_worker_count(settings, workers) if settings.stream.partitions > 1 else settings
+    desired = {name: Spec(name, "worker", mine) for name in names}
     desired["sweeper"] = Spec("sweeper", "sweeper", settings)
     if settings.monitor.enabled:
         desired["monitor"] = Spec("monitor", "monitor", settings)
     return desired
+
+
+def with_worker_count(settings: Settings, workers: int) -> Settings:
+    """``settings`` with workers.count set to ``workers`` (the same object if it already is)."""
+    if settings.workers.count == workers:
+        return settings
+    values = MappingProxyType({**settings.values, "workers.count": workers})
+    return dataclasses.replace(settings, values=values)
 
 
 def needs_restart(role: str, changed: Iterable[str]) -> bool:
@@ -107,7 +120,14 @@ def is_stale(child: Child, spec: Spec) -> bool:
     """True when the child runs with settings that differ in something its role reads."""
     if child.settings is spec.settings:
         return False
-    return needs_restart(child.role, child.settings.diff(spec.settings))
+    changed = child.settings.diff(spec.settings)
+    if (
+        child.role == "worker"
+        and spec.settings.stream.partitions > 1
+        and "workers.count" in changed
+    ):
+        return True  # its partitions change with the count
+    return needs_restart(child.role, changed)
 
 
 def plan(desired: Mapping[str, Spec], children: Mapping[str, Child], now: float) -> list[Action]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ratebox import stream
+from ratebox import route, stream
 from ratebox.config import Settings
 from ratebox.pipeline import OUTAGE_ERRORS, Pipeline
 from ratebox.role import Role
@@ -21,6 +21,23 @@ from ratebox.stream import Entry
 
 log = logging.getLogger(__name__)
 
+#: With several partitions, the block on one when all were empty: short, so that entries
+#: arriving on another are read within this long.
+SHORT_BLOCK_MS = 100
+
+
+def partitions_of(settings: Settings, name: str) -> list[tuple[str, str]]:
+    """The partitions (stream, dead-letter stream) the worker called ``name`` reads."""
+    every = route.settings_streams(settings)
+    if len(every) == 1:
+        return every
+    digits = name.rsplit("_", 1)[-1]
+    k = int(digits) if digits.isdigit() and int(digits) > 0 else 1
+    # A name above the count (one TTIN more, before the others restart with the new count)
+    # reads the partition it would read as one of more workers than partitions.
+    mine = route.assigned(k, settings.workers.count, len(every)) or [(k - 1) % len(every)]
+    return [every[p] for p in mine]
+
 
 @dataclass
 class Batch:
@@ -28,6 +45,8 @@ class Batch:
 
     entries: list[Entry]
     deliveries: dict[str, int] = field(default_factory=dict)
+    #: Index into Worker.partitions of the partition the entries came from.
+    partition: int = 0
     #: Redelivered entries are processed in growing chunks from one, so a poison pill at the
     #: head of the list takes down only itself.
     suspect: bool = False
@@ -53,7 +72,12 @@ class Worker(Role):
         self.pipeline = Pipeline(
             settings, name, redis_url, dsn, engine or compile_rules(settings.rules)
         )
-        self.cursor: str | None = "0"  # reading own pending history until it is exhausted
+        #: The partitions this name reads (stream, dead-letter stream); one when not partitioned.
+        self.partitions = partitions_of(settings, name)
+        #: Per partition: reading own pending history after this ID until it is exhausted.
+        self.cursors: list[str | None] = ["0"] * len(self.partitions)
+        #: The partition the next read for new entries starts with (round robin).
+        self.turn = 0
         self.batch: Batch | None = None
         self.group_ready = False
         self.processed = 0
@@ -65,7 +89,7 @@ class Worker(Role):
         super().initialize()
         log.info(
             "started, reading %s as %s/%s",
-            self.settings.stream.name,
+            ", ".join(stream_name for stream_name, _ in self.partitions),
             self.settings.stream.group,
             self.name,
         )
@@ -76,7 +100,7 @@ class Worker(Role):
 
     def on_group_lost(self) -> None:
         """Start again from this name's pending entries once the group exists again."""
-        self.cursor, self.group_ready, self.batch = "0", False, None
+        self.cursors, self.group_ready, self.batch = ["0"] * len(self.partitions), False, None
 
     def shutdown(self) -> None:
         """Close connections; whatever was not acknowledged stays pending for the next start."""
@@ -104,7 +128,8 @@ class Worker(Role):
         ids = [entry_id for entry_id, _ in self.batch.entries]
         # Redis down as well is fine: then nobody can claim them either.
         with contextlib.suppress(*OUTAGE_ERRORS):
-            stream.touch(self.pipeline.redis, s.stream.name, s.stream.group, self.name, ids)
+            name = self.partitions[self.batch.partition][0]
+            stream.touch(self.pipeline.redis, name, s.stream.group, self.name, ids)
 
     # -- end of sweeper section -----------------------------------------------------------------
 
@@ -115,6 +140,7 @@ class Worker(Role):
         if self.batch is None:
             self.batch = self._next_batch()
         batch = self.batch
+        self.pipeline.use(self.partitions[batch.partition])
         if batch.suspect:
             # Growing chunks (1, 2, 4, ...): a poison pill at the head is tried alone, and a
             # page of innocent redeliveries still commits in a handful of transactions.
@@ -135,40 +161,67 @@ class Worker(Role):
 
     def _next_batch(self) -> Batch:
         s = self.settings
+        redis_ = self.pipeline.redis
         if not self.group_ready:
             # Register this process (pid, start) now, not at its first batch: an idle worker
             # restarted under its old name must not show the dead one's pid meanwhile. During a
             # database outage it registers with its first commit instead.
             with contextlib.suppress(*OUTAGE_ERRORS):
                 _ = self.pipeline.pg
-            stream.ensure_group(self.pipeline.redis, s.stream.name, s.stream.group)
+            for name, _ in self.partitions:
+                stream.ensure_group(redis_, name, s.stream.group)
             self.group_ready = True
-        if self.cursor is not None:
+        # Own pending entries first, partition after partition.
+        for i, cursor in enumerate(self.cursors):
+            if cursor is None:
+                continue
+            self.pipeline.use(self.partitions[i])
+            name = self.partitions[i][0]
             entries = stream.read(
-                self.pipeline.redis,
-                s.stream.name,
-                s.stream.group,
-                self.name,
-                s.workers.batch_size,
-                self.cursor,
+                redis_, name, s.stream.group, self.name, s.workers.batch_size, cursor
             )
             if entries:
-                batch = self._own_pending(entries, head=self.cursor == "0")
-                self.cursor = entries[-1][0]  # only once the whole page is dealt with
+                batch = self._own_pending(entries, head=cursor == "0", partition=i)
+                self.cursors[i] = entries[-1][0]  # only once the whole page is dealt with
                 return batch
-            self.cursor = None
+            self.cursors[i] = None
+        return self._read_new()
+
+    def _read_new(self) -> Batch:
+        """New entries: with one partition a blocking read; with several, each without blocking
+        in turn, and only when all are empty one short block on the next, so no partition with
+        entries waits behind an empty one."""
+        s = self.settings
+        count = len(self.partitions)
+        if count > 1:
+            for step in range(count):
+                i = (self.turn + step) % count
+                entries = stream.read(
+                    self.pipeline.redis,
+                    self.partitions[i][0],
+                    s.stream.group,
+                    self.name,
+                    s.workers.batch_size,
+                    ">",
+                )
+                if entries:
+                    self.turn = (i + 1) % count
+                    return Batch(entries, partition=i)
+        i = self.turn
+        self.turn = (i + 1) % count
+        block = s.workers.block_ms if count == 1 else min(s.workers.block_ms, SHORT_BLOCK_MS)
         entries = stream.read(
             self.pipeline.redis,
-            s.stream.name,
+            self.partitions[i][0],
             s.stream.group,
             self.name,
             s.workers.batch_size,
             ">",
-            s.workers.block_ms,
+            block,
         )
-        return Batch(entries)
+        return Batch(entries, partition=i)
 
-    def _own_pending(self, entries: list[Entry], head: bool) -> Batch:
+    def _own_pending(self, entries: list[Entry], head: bool, partition: int = 0) -> Batch:
         """Entries this name held when it last stopped: drop the gone, dead-letter the hopeless.
 
         Only the head of the pending list can be hopeless: it is the one tried alone first
@@ -178,7 +231,7 @@ class Worker(Role):
         s = self.settings
         counts = stream.delivery_counts(
             self.pipeline.redis,
-            s.stream.name,
+            self.partitions[partition][0],
             s.stream.group,
             entries[0][0],
             entries[-1][0],
@@ -193,7 +246,8 @@ class Worker(Role):
             self.pipeline.dead_letter(
                 first, counts[first[0]], "processing failed on every delivery"
             )
-        return Batch(keep, counts, suspect=any(counts.get(e[0], 1) > 1 for e in keep))
+        suspect = any(counts.get(e[0], 1) > 1 for e in keep)
+        return Batch(keep, counts, suspect=suspect, partition=partition)
 
 
 def run(

@@ -180,3 +180,21 @@ def make_config(
         return config.load(str(path), {}), path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis Cluster of three masters with a replica each, for this session (tests/cluster.py)."""
+    from tests import cluster
+
+    if cluster.find_server() is None:
+        pytest.fail(
+            "the cluster tests need a redis-server binary (Redis 7): install redis-server "
+            "or set REDIS_SERVER_BIN",
+            pytrace=False,
+        )
+    started = cluster.start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started
+    finally:
+        started.stop()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -34,6 +36,9 @@ def run(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         found = cur.fetchall() if cur.description else []
         conn.commit()
         return found
+
+
+SCHEMA_FILES = sorted((Path(__file__).resolve().parent.parent / "schema").glob("*.sql"))
 
 
 def legacy_db(dsn: str, pending: int = 6, judged: int = 6) -> None:
@@ -124,14 +129,16 @@ class TestAdoption:
         assert invalid == [(0,)]
         assert migrate.run(empty_schema_dsn) == []
         versions = {v for (v,) in run(empty_schema_dsn, "SELECT version FROM schema_migrations")}
-        assert versions == {"001", "002", "003", "legacy"}
+        # 001-003 are adopted; later files apply as on any database.
+        assert versions == {path.name[:3] for path in SCHEMA_FILES} | {"legacy"}
 
     def test_two_runs_at_once_adopt_once(self, empty_schema_dsn):
         legacy_db(empty_schema_dsn)
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(migrate.run, [empty_schema_dsn] * 2))
-        assert sorted(len(r) for r in results) == [0, 1]
-        assert run(empty_schema_dsn, "SELECT count(*) FROM schema_migrations") == [(4,)]
+        assert sorted(len(r) for r in results)[0] == 0  # the second found nothing left to do
+        count = run(empty_schema_dsn, "SELECT count(*) FROM schema_migrations")
+        assert count == [(len(SCHEMA_FILES) + 1,)]
 
     def test_an_invalid_index_left_by_a_crash_is_rebuilt(self, empty_schema_dsn):
         legacy_db(empty_schema_dsn)
@@ -216,7 +223,7 @@ def drain(settings, redis_url, dsn, limit_s=60):
     worker = Worker(settings, "worker_001", redis_url, dsn)
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        if not worker.loop() and worker.cursor is None:
+        if not worker.loop() and not any(worker.cursors):
             break
     worker.pipeline.reset()
 
@@ -378,3 +385,32 @@ def test_compare_counts_agreement_and_disagreements(adopted):
     assert report.as_dict()["legacy"]["rows"] == 6
     assert run(adopted, "SELECT count(*) FROM raw_items WHERE consumer_name IS NOT NULL") == [(0,)]
     assert compare.compare(adopted, compile_rules(rules.DEFAULT_RULES), limit=2).compared == 2
+
+
+def test_the_bridge_routes_rows_to_partitions_like_any_producer(
+    make_config, redis_client, redis_url, adopted, names
+):
+    settings, _ = config_for(
+        make_config, adopted, stream={"partitions": 3, "partition_key": "source"}
+    )
+    sources = ["crawler_a", "crawler_b", "api", "crawler_a", "api", "import"]
+    pending = [
+        i for (i,) in run(adopted, "SELECT id FROM raw_items WHERE status = 'pending' ORDER BY id")
+    ]
+    for i, source in zip(pending, sources, strict=True):
+        run(
+            adopted,
+            "UPDATE raw_items SET data = data || jsonb_build_object('source', %s::text) WHERE id = %s",
+            (source, i),
+        )
+    assert bridge.Bridge(settings, redis_url, adopted).run(follow=False).published == 6
+    seen = {}
+    for p in range(3):
+        ids = [int(f[b"legacy_id"]) for _, f in redis_client.xrange(f"{{{names.stream}:{p}}}")]
+        assert ids == sorted(ids)  # id order within each partition
+        seen.update(dict.fromkeys(ids, p))
+    want = {i: zlib.crc32(source.encode()) % 3 for i, source in zip(pending, sources, strict=True)}
+    assert seen == want
+    drain(settings, redis_url, adopted)
+    rows = run(adopted, "SELECT id, stream_name FROM raw_items WHERE id = ANY(%s)", (pending,))
+    assert {i: name for i, name in rows} == {i: f"{{{names.stream}:{p}}}" for i, p in want.items()}
