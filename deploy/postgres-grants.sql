@@ -13,6 +13,9 @@ GRANT USAGE ON SEQUENCE raw_items_id_seq TO ratebox_worker;
 GRANT SELECT, INSERT, UPDATE ON stream_consumer_stats, stream_processing_metrics,
     stream_error_metrics TO ratebox_worker;
 
+-- ratebox-bridge's mark (read, then moved forward).
+GRANT SELECT, INSERT, UPDATE ON bridge_progress TO ratebox_worker;
+
 -- The monitor's views.
 GRANT SELECT ON v_stream_status, v_recent_activity, v_top_errors TO ratebox_worker;
 

@@ -77,6 +77,7 @@ def merge_groups(per_partition: Iterable[Iterable[Mapping[str, Any]]]) -> list[S
                     "name": g["name"],
                     "consumers": 0,
                     "pending": 0,
+                    "oldest_pending_s": 0.0,
                     "lag": 0,
                     "lag_source": "read",
                     "last_delivered": None,
@@ -84,11 +85,12 @@ def merge_groups(per_partition: Iterable[Iterable[Mapping[str, Any]]]) -> list[S
                 },
             )
             into["pending"] += g["pending"]
+            into["oldest_pending_s"] = max(into["oldest_pending_s"], g.get("oldest_pending_s", 0.0))
             into["lag"] = (
                 None if into["lag"] is None or g["lag"] is None else into["lag"] + g["lag"]
             )
-            if g["lag_source"] == "estimate" or into["lag_source"] == "estimate":
-                into["lag_source"] = "estimate"
+            if g["lag_source"] == "unknown" or into["lag_source"] == "unknown":
+                into["lag_source"] = "unknown"
             elif g["lag_source"] == "counted":
                 into["lag_source"] = "counted"
             last = [x for x in (into["last_delivered"], g["last_delivered"]) if x]

@@ -16,6 +16,7 @@ NEEDED = {
     "stream_consumer_stats": "SELECT, INSERT, UPDATE",
     "stream_processing_metrics": "SELECT, INSERT, UPDATE",
     "stream_error_metrics": "SELECT, INSERT, UPDATE",
+    "bridge_progress": "SELECT, INSERT, UPDATE",
     "v_stream_status": "SELECT",
     "v_recent_activity": "SELECT",
     "v_top_errors": "SELECT",

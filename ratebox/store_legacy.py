@@ -506,13 +506,6 @@ def _write_legacy(
 
 # -- the bridge -----------------------------------------------------------------------------
 
-_PROGRESS_TABLE = """
-CREATE TABLE IF NOT EXISTS bridge_progress (
-    stream_name  text PRIMARY KEY,
-    last_id      bigint NOT NULL,
-    updated_at   timestamptz NOT NULL DEFAULT now()
-)
-"""
 #: Advisory lock class of the bridge (one bridge per stream; the key is the stream's hash).
 BRIDGE_LOCK_CLASS = int.from_bytes(b"rbbr", "big")
 
@@ -534,7 +527,6 @@ def bridge_lock(conn: Any, stream: str) -> bool:
 def bridge_mark(conn: Any, stream: str) -> int:
     """The id below which every pending row has been published (0 at first)."""
     with conn.cursor() as cur:
-        cur.execute(_PROGRESS_TABLE)
         cur.execute("SELECT last_id FROM bridge_progress WHERE stream_name = %s", (stream,))
         found = cur.fetchone()
     return int(found[0]) if found else 0

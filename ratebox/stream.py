@@ -387,21 +387,25 @@ def length(client: redis.Redis, stream: str) -> int:
     return int(client.xlen(stream))
 
 
+_OLDEST_PENDING = """
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+local now = redis.call('TIME')
+return {summary[2] or '', now[1], now[2]}
+"""
+
+
 def oldest_pending_age_ms(client: redis.Redis, stream: str, group: str) -> int:
     """Milliseconds since the group's oldest unacknowledged entry was added (0: none pending).
 
     The XPENDING summary names the smallest pending ID, whose first part is the time Redis
     added it; Redis's own clock (TIME) measures the age, so a skewed monitor host does not.
     """
-    with client.pipeline(transaction=False) as pipe:
-        pipe.xpending(stream, group)
-        pipe.time()
-        try:
-            summary, (seconds, micros) = pipe.execute()
-        except redis.ResponseError:
-            return 0  # no such stream or group: nothing pending
-    smallest = summary.get("min") if summary.get("pending") else None
-    if smallest is None:
+    # One script: one round trip, and on a cluster both run on the stream's own node.
+    try:
+        smallest, seconds, micros = client.eval(_OLDEST_PENDING, 1, stream, group)
+    except redis.ResponseError:
+        return 0  # no such stream or group: nothing pending
+    if not smallest:
         return 0
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     return max(now_ms - int(_id(smallest).partition("-")[0] or 0), 0)

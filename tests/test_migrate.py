@@ -26,6 +26,7 @@ COLUMNS = {
         dead_lettered total_processing_ms avg_processing_ms max_processing_ms""",
     "stream_error_metrics": "minute stream_name error_code field count sample_message",
     "schema_migrations": "version filename checksum applied_at",
+    "bridge_progress": "stream_name last_id updated_at",
     "v_stream_status": "status count",
     "v_recent_activity": "status count avg_processing_ms",
     "v_top_errors": "error_code field count sample_message",
