@@ -13,6 +13,7 @@ import sys
 #: Where the README's setup command puts the virtualenv, relative to the clone.
 VENV = ".venv"
 SETUP = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+_REEXEC = "RATEBOX_LAUNCHED_IN_VENV"
 
 
 def _venv_python(root: str) -> str | None:
@@ -31,7 +32,9 @@ def run(root: str, entry: str) -> int:
         cli = importlib.import_module("ratebox.cli")
     except ModuleNotFoundError as exc:
         python = _venv_python(root)
-        if python is not None:
+        # Once only: a .venv that lacks the dependencies too must not re-run itself forever.
+        if python is not None and not os.environ.get(_REEXEC):
+            os.environ[_REEXEC] = "1"
             os.execv(python, [python, *sys.argv])
         name = exc.name or "a dependency"
         print(

@@ -50,7 +50,20 @@ def test_the_clones_virtualenv_is_used_when_the_running_python_lacks_the_depende
     clone = _clone(tmp_path)
     # A stand-in .venv whose python is the test's interpreter (which has every dependency).
     (clone / ".venv" / "bin").mkdir(parents=True)
-    (clone / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    python = clone / ".venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n', encoding="utf-8")
+    python.chmod(0o755)
     done = _bare(clone / "bin" / "ratebox-worker", "--help")
     assert done.returncode == 0, done.stderr
     assert "usage: ratebox-worker" in done.stdout
+
+
+def test_a_virtualenv_without_the_dependencies_is_tried_once_then_named(tmp_path: Path) -> None:
+    clone = _clone(tmp_path)
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    python = clone / ".venv" / "bin" / "python"
+    # A .venv whose python lacks the dependencies as well.
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n', encoding="utf-8")
+    python.chmod(0o755)
+    done = _bare(clone / "bin" / "ratebox-worker", "--help")
+    assert done.returncode == 1 and "missing Python package" in done.stderr, done.stderr
