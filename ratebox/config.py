@@ -66,6 +66,16 @@ def name(value: Any) -> str:
     return value
 
 
+def optional_integer(lo: int, hi: int) -> Validator:
+    """null, or an int from lo to hi."""
+    check = integer(lo, hi)
+
+    def optional(value: Any) -> int | None:
+        return None if value is None else check(value)
+
+    return optional
+
+
 def optional_name(value: Any) -> str | None:
     """null, or a name as for :func:`name`."""
     return None if value is None else name(value)
@@ -176,6 +186,37 @@ SETTINGS: tuple[Setting, ...] = (
         "field of data whose value picks the partition (null: round robin)",
     ),
     Setting("workers.count", 4, integer(1, 256), "worker processes under the supervisor"),
+    Setting(
+        "workers.autoscale.enabled",
+        False,
+        boolean,
+        "follow the backlog between min and max workers (count is the start)",
+    ),
+    Setting("workers.autoscale.min", 1, integer(1, 256), "fewest workers autoscaling keeps"),
+    Setting(
+        "workers.autoscale.max",
+        None,
+        optional_integer(1, 256),
+        "most workers autoscaling starts (null: the number of CPU cores)",
+    ),
+    Setting(
+        "workers.autoscale.lag_per_worker",
+        5000,
+        integer(1, 10_000_000),
+        "backlog (undelivered + pending entries) one worker is meant to carry",
+    ),
+    Setting(
+        "workers.autoscale.interval_s",
+        5.0,
+        number(0.5, 3600),
+        "how often the supervisor samples the backlog",
+    ),
+    Setting(
+        "workers.autoscale.scale_down_after_s",
+        300.0,
+        number(1, 86400),
+        "every wish of this window must be lower before a worker is stopped",
+    ),
     Setting(
         "workers.name_prefix",
         "worker",
@@ -359,8 +400,10 @@ def _flatten(data: Any, where: str = "") -> dict[str, Any]:
             if key not in _SECTIONS:
                 raise ConfigError(f"{path}: unknown section (known: {', '.join(_SECTIONS)}, rules)")
             flat.update(_flatten(value, path))
+        elif path not in _BY_PATH and any(p.startswith(path + ".") for p in _BY_PATH):
+            flat.update(_flatten(value, path))  # a nested group, e.g. workers.autoscale
         elif path not in _BY_PATH:
-            known = ", ".join(p.split(".", 1)[1] for p in _BY_PATH if p.startswith(where + "."))
+            known = ", ".join(p[len(where) + 1 :] for p in _BY_PATH if p.startswith(where + "."))
             raise ConfigError(f"{path}: unknown key (known in {where}: {known})")
         else:
             flat[path] = value
@@ -402,6 +445,11 @@ def from_mapping(
     return Settings(MappingProxyType(values), specs, source)
 
 
+def autoscale_max(values: Mapping[str, Any]) -> int:
+    """workers.autoscale.max, null meaning the CPU cores (more add nothing to CPU-bound work)."""
+    return values["workers.autoscale.max"] or os.cpu_count() or 1
+
+
 def _check_together(values: Mapping[str, Any]) -> None:
     # A worker beats once per loop turn, and a turn can block for block_ms: it must beat well
     # inside timeout_s or the supervisor would kill a healthy, idle worker.
@@ -410,6 +458,15 @@ def _check_together(values: Mapping[str, Any]) -> None:
             f"workers.block_ms: must be at most half of workers.timeout_s "
             f"({values['workers.timeout_s'] * 500:g} ms), got {values['workers.block_ms']}"
         )
+    if values["workers.autoscale.enabled"]:
+        lo, hi = values["workers.autoscale.min"], autoscale_max(values)
+        if lo > hi:
+            raise ConfigError(f"workers.autoscale.min: must be at most max ({hi}), got {lo}")
+        if not lo <= values["workers.count"] <= hi:
+            raise ConfigError(
+                f"workers.count: the starting count must be from autoscale min {lo} to max {hi},"
+                f" got {values['workers.count']}"
+            )
     if values["stream.dead_letter"] == values["stream.name"]:
         raise ConfigError("stream.dead_letter: must differ from stream.name")
     # The embedded server is one node on a unix socket: there is no cluster to join.

@@ -31,6 +31,10 @@ BOOT_RETRY_S = 30.0
 SUPERVISOR_ONLY = frozenset(
     {"workers.count", "workers.timeout_s", "workers.shutdown_timeout_s", "monitor.enabled"}
     | {"postgres.migrate_on_start", "embedded.dir"}
+    | {
+        f"workers.autoscale.{key}"
+        for key in ("enabled", "min", "max", "lag_per_worker", "interval_s", "scale_down_after_s")
+    }
 )
 #: Keys (a trailing '.' means a whole section) each role never reads.
 ROLE_IGNORES: Mapping[str, tuple[str, ...]] = {
