@@ -346,7 +346,7 @@ def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
             return _copy_all(conn, consumer, rows)
         except OUTAGE_ERRORS:
             raise
-        except psycopg2.Error:
+        except (psycopg2.Error, UnicodeError):
             conn.rollback()  # a row exists already, or one is refused: the careful path sorts it
     return _write_careful(conn, consumer, rows)
 
@@ -356,11 +356,18 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
         return _insert_new(conn, consumer, rows)
     except OUTAGE_ERRORS:
         raise
-    except psycopg2.Error as exc:
+    except (psycopg2.Error, UnicodeError) as exc:
         conn.rollback()
         if len(rows) == 1:
-            reason = (exc.pgerror or str(exc)).strip().splitlines()[0][:200]
-            return _insert_new(conn, consumer, [verdict.rejected(rows[0], reason)])
+            # The first line only: DETAIL and CONTEXT lines quote the row's data.
+            reason = (getattr(exc, "pgerror", None) or str(exc)).strip().splitlines()[0][:200]
+            try:
+                return _insert_new(conn, consumer, [verdict.rejected(rows[0], reason)])
+            except OUTAGE_ERRORS:
+                raise
+            except (psycopg2.Error, UnicodeError):
+                conn.rollback()
+                return _insert_new(conn, consumer, [verdict.bare(rows[0], "row refused")])
         middle = len(rows) // 2
         return _write_careful(conn, consumer, rows[:middle]) + _write_careful(
             conn, consumer, rows[middle:]
