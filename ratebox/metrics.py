@@ -13,6 +13,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ratebox import inert
+
 Snapshot = dict[str, Any]
 
 
@@ -38,7 +40,7 @@ def _gauge(
 ) -> Metric:
     family = GaugeMetricFamily(name, doc, labels=labels or [])
     for values, value in samples:
-        family.add_metric(values, value)
+        family.add_metric(_labels(values), value)
     return family
 
 
@@ -47,8 +49,14 @@ def _counter(
 ) -> Metric:
     family = CounterMetricFamily(name, doc, labels=labels)
     for values, value in samples:
-        family.add_metric(values, value)
+        family.add_metric(_labels(values), value)
     return family
+
+
+def _labels(values: list[str]) -> list[str]:
+    # Label values come from Redis and the database (consumer, group, field names): the text
+    # format escapes quotes and newlines, but not what a terminal running curl would obey.
+    return [inert.text(v, 200) for v in values]
 
 
 def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -138,7 +146,7 @@ def _database_metrics(snap: Snapshot) -> Iterator[Metric]:
         "ratebox_processing_seconds", "Time spent judging an item", labels=["consumer"]
     )
     for c in perf:
-        summary.add_metric([c["name"]], c["processed"], (c["total_ms"] or 0.0) / 1000)
+        summary.add_metric(_labels([c["name"]]), c["processed"], (c["total_ms"] or 0.0) / 1000)
     yield summary
     yield _gauge(
         "ratebox_processing_max_seconds",

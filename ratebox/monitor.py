@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.live import Live
 
-from ratebox import store, stream
+from ratebox import inert, store, stream
 from ratebox.config import Settings
 from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
@@ -302,8 +302,8 @@ def _age(now: datetime, then: datetime | None) -> float | None:
 
 
 def _safe(text: str | None) -> str | None:
-    """Free text from outside, with personal data and credentials masked."""
-    return mask_text(mask_url(text)) if text is not None else None
+    """Free text from outside, masked, with control characters shown as escapes."""
+    return inert.text(mask_text(mask_url(text))) if text is not None else None
 
 
 def _reason(exc: BaseException) -> str:
