@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ratebox import config, inert, log
+from ratebox import __version__, config, inert, log
 from ratebox.errors import EXIT_OK, RateboxError, UsageError
 
 
@@ -37,8 +39,13 @@ def parser(prog: str, description: str) -> Parser:
         help="YAML topology (default ./ratebox.yaml)",
     )
     p.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="least severe log lines written to stderr (default INFO)",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -62,23 +69,46 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     return wrapper
 
 
-def servers(settings: config.Settings, need_pg: bool = True) -> tuple[str, str]:
-    """The Redis URL and DSN to use, ``embedded`` resolved to running servers."""
+def servers(
+    settings: config.Settings,
+    need_pg: bool = True,
+    need_redis: bool = True,
+    config_path: str = "ratebox.yaml",
+) -> tuple[str, str]:
+    """The Redis URL and DSN to use, ``embedded`` resolved to running servers.
+
+    A command other than the supervisor leaves the servers it started running (the next
+    command needs them) and says so when it ends, with the command that stops them.
+    """
     from ratebox import embedded
 
-    redis_url, dsn, _ = embedded.resolve(
-        settings.redis.url, settings.postgres.dsn if need_pg else "unused", settings.embedded.dir
+    redis_url, dsn, started = embedded.resolve(
+        settings.redis.url if need_redis else "unused",
+        settings.postgres.dsn if need_pg else "unused",
+        settings.embedded.dir,
     )
+    if started:
+        atexit.register(_say_left_running, started, settings.embedded.dir, config_path)
     return redis_url, dsn
 
 
+def _say_left_running(started: list[str], var_dir: str, config_path: str) -> None:
+    names = " and ".join({"redis": "Redis", "postgres": "PostgreSQL"}[n] for n in started)
+    command = os.path.join(os.path.dirname(sys.argv[0]), "ratebox-embedded")
+    print(
+        f"note: the embedded {names} started for this command keep running "
+        f"(data in {os.path.abspath(var_dir)}); stop with: {command} -c {config_path} stop",
+        file=sys.stderr,
+    )
+
+
 def settings_and_servers(
-    args: argparse.Namespace, title: str, need_pg: bool = True
+    args: argparse.Namespace, title: str, need_pg: bool = True, need_redis: bool = True
 ) -> tuple[config.Settings, str, str]:
     """Load the configuration, set up logging, and resolve ``embedded`` to running servers."""
     settings = config.load(args.config)
     log.setup(title, args.log_level)
-    return settings, *servers(settings, need_pg)
+    return settings, *servers(settings, need_pg, need_redis, args.config)
 
 
 def _proctitle(title: str) -> None:
@@ -116,7 +146,8 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"CONSUMER_NAME: {exc}") from None
     _proctitle(f"worker {name}")
     log.setup(f"worker {name}", args.log_level)
-    redis_url, dsn = servers(settings)
+    redis_url, dsn = servers(settings, config_path=args.config)
+    _refuse_if_supervised(settings, name, redis_url)
     if settings.postgres.migrate_on_start:
         from ratebox import migrate
 
@@ -126,11 +157,55 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
     return worker.run(settings, name, redis_url, dsn)
 
 
+def _refuse_if_supervised(settings: config.Settings, name: str, redis_url: str) -> None:
+    """A name of a prefix whose lease a supervisor holds is that supervisor's to run."""
+    prefix = settings.consumer_name(1).rsplit("_", 1)[0]
+    if not re.fullmatch(rf"{re.escape(prefix)}_[0-9]+", name):
+        return
+    from ratebox import stream
+
+    client = stream.connect_quick(redis_url)
+    try:
+        holder = stream.lease_holder(client, settings.lease_key())
+    finally:
+        client.close()
+    if holder is not None:
+        raise RateboxError(
+            f"{settings.lease_refusal(holder.rsplit(':', 1)[0])}: not starting {name}"
+        )
+
+
+@guarded
+def main_embedded(argv: Sequence[str] | None = None) -> int:
+    """Status of the embedded Redis and PostgreSQL of embedded.dir, or stop them."""
+    p = parser("ratebox-embedded", main_embedded.__doc__ or "")
+    p.add_argument(
+        "action", choices=["status", "stop"], help="status: what runs; stop: stop both servers"
+    )
+    args = p.parse_args(argv)
+    settings = config.load(args.config)
+    log.setup("embedded", args.log_level)
+    from ratebox import embedded
+
+    var = os.path.abspath(settings.embedded.dir)
+    pids = embedded.running(var)
+    titles = {"redis": "Redis", "postgres": "PostgreSQL"}
+    if args.action == "stop":
+        embedded.stop([name for name, pid in pids.items() if pid is not None], var)
+    for name, pid in pids.items():
+        if pid is None:
+            state = "not running"
+        else:
+            state = f"stopped (was pid {pid})" if args.action == "stop" else f"running, pid {pid}"
+        print(f"embedded {titles[name]} of {var}: {state}")
+    return EXIT_OK
+
+
 @guarded
 def main_migrate(argv: Sequence[str] | None = None) -> int:
     """Apply pending migrations from schema/; safe to run twice or concurrently."""
     args = parser("ratebox-migrate", main_migrate.__doc__ or "").parse_args(argv)
-    _, _, dsn = settings_and_servers(args, "migrate")
+    _, _, dsn = settings_and_servers(args, "migrate", need_redis=False)
     from ratebox import migrate
 
     applied = migrate.run(dsn)
@@ -144,12 +219,19 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     p = parser("ratebox-producer", main_producer.__doc__ or "")
     sub = p.add_subparsers(dest="mode", required=True, parser_class=Parser)
     sp = sub.add_parser("produce", help="publish N messages, DELAY seconds apart (0: pipelined)")
-    sp.add_argument("n", type=_positive_int, metavar="N")
-    sp.add_argument("delay", type=_non_negative_float, nargs="?", default=0.0, metavar="DELAY")
+    sp.add_argument("n", type=_positive_int, metavar="N", help="how many messages to publish")
+    sp.add_argument(
+        "delay",
+        type=_non_negative_float,
+        nargs="?",
+        default=0.0,
+        metavar="DELAY",
+        help="seconds between messages (default 0: pipelined, 1,000 per round trip)",
+    )
     sp = sub.add_parser("continuous", help="publish RATE messages/second until interrupted")
-    sp.add_argument("rate", type=_positive_float, metavar="RATE")
+    sp.add_argument("rate", type=_positive_float, metavar="RATE", help="messages per second")
     sp = sub.add_parser("file", help="one message per JSON line of PATH (- = stdin)")
-    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("path", metavar="PATH", help="a file of JSON objects, one a line; - for stdin")
     sub.add_parser("info", help="stream length, first/last entry, groups, pending")
     args = p.parse_args(argv)
     settings = config.load(args.config)
@@ -158,7 +240,7 @@ def main_producer(argv: Sequence[str] | None = None) -> int:
     # the producer's start-up counts in its throughput.
     redis_url = settings.redis.url
     if redis_url == "embedded":
-        redis_url, _ = servers(settings, need_pg=False)
+        redis_url, _ = servers(settings, need_pg=False, config_path=args.config)
     from ratebox import producer, stream
 
     client = stream.connect(redis_url)
@@ -390,7 +472,19 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--status", metavar="FILE", help="supervisor status file (default: the one it writes)"
     )
+    p.add_argument(
+        "--metrics",
+        nargs="?",
+        const=True,
+        default=None,
+        type=config.listen_address,
+        metavar="HOST:PORT",
+        help="continuous only: also serve /metrics, on HOST:PORT or on monitor.metrics_listen "
+        "(off by default: the supervisor's monitor serves it)",
+    )
     args = p.parse_args(argv)
+    if args.metrics is not None and args.mode != "continuous":
+        raise UsageError("ratebox-monitor: --metrics needs continuous SECONDS")
     if args.mode == "continuous" and args.seconds is None:
         raise UsageError(
             "ratebox-monitor continuous: give the refresh interval in SECONDS (see --help)"
@@ -402,7 +496,13 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
     if args.mode == "continuous":
         _proctitle("monitor")
         return monitor.run(
-            settings, redis_url, dsn, status_path=status, refresh_s=args.seconds, as_json=args.json
+            settings,
+            redis_url,
+            dsn,
+            status_path=status,
+            refresh_s=args.seconds,
+            as_json=args.json,
+            metrics_listen=args.metrics,
         )
     snap = monitor.report(settings, redis_url, dsn, status)
     if args.json:

@@ -148,7 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "stream.retention",
-        "1h",
+        "10m",
         duration,
         "acknowledged entries are kept this long for replay, then trimmed",
     ),
@@ -294,6 +294,18 @@ class Settings:
         """The stable consumer name of worker number ``index`` (1-based): worker_001."""
         prefix = self.values["workers.name_prefix"].replace("{hostname}", socket.gethostname())
         return f"{prefix}_{index:03d}"
+
+    def lease_key(self) -> str:
+        """The Redis key of the lease a supervisor holds on this prefix's consumer names."""
+        prefix = self.consumer_name(1).rsplit("_", 1)[0]
+        return f"ratebox:lease:{self.values['stream.name']}:{self.values['stream.group']}:{prefix}"
+
+    def lease_refusal(self, holder: str) -> str:
+        """The one line that refuses to run consumers another supervisor's lease covers."""
+        return (
+            f"another supervisor ({holder}) runs consumers {self.consumer_name(1)[:-4]}_* "
+            f"of group {self.values['stream.group']} on stream {self.values['stream.name']}"
+        )
 
     def status_path(self) -> str:
         """Where the supervisor writes its status file (the monitor reads it)."""

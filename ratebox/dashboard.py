@@ -37,10 +37,8 @@ def snapshot_line(snap: Snapshot) -> str:
             f" dead={st['dead_letter']['length']}"
         )
         for g in snap["groups"]:
-            approx = "~" if g["lag_source"] == "estimate" else ""
             parts.append(
-                f"group {g['name']} consumers={g['consumers']} pending={g['pending']}"
-                f" lag={approx}{_num(g['lag'])}"
+                f"group {g['name']} consumers={g['consumers']} pending={g['pending']} lag={_lag(g)}"
             )
     else:
         parts.append(f"redis unavailable ({servers['redis']['error']})")
@@ -51,7 +49,9 @@ def snapshot_line(snap: Snapshot) -> str:
             f"db done={t['done']} error={t['error']} pending={t['pending']} dead={t['dead_lettered']}"
         )
         tp = snap["throughput"]
-        parts.append(f"rate={tp['per_s_1m']:.1f}/s (1m) {tp['per_s_5m']:.1f}/s (5m)")
+        now = tp.get("per_s_now")
+        current = "" if now is None else f"{now:.1f}/s (10s) "
+        parts.append(f"rate={current}{tp['per_s_1m']:.1f}/s (1-2m) {tp['per_s_5m']:.1f}/s (5-6m)")
         if snap["top_errors"]:
             parts.append(
                 "top " + " ".join(f"{e['code']}x{e['count']}" for e in snap["top_errors"][:3])
@@ -99,7 +99,9 @@ def _header(snap: Snapshot) -> Text:
     )
     for name, server in snap["servers"].items():
         ok = server["available"]
-        text.append(f" {name} ", style="black on green" if ok else "white on red")
+        # Words as well as colour: piped output and colour-blind readers see no colour.
+        label = f" {name} up " if ok else f" {name} DOWN "
+        text.append(label, style="black on green" if ok else "white on red")
         text.append(" ")
     return text
 
@@ -142,7 +144,7 @@ def _groups_table(snap: Snapshot, box: bool = True) -> RenderableType:
         return _unavailable(snap, "redis")
     table = _table(box, "group", "consumers", "pending", "lag", "last delivered")
     for g in snap["groups"]:
-        lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+        lag = _lag(g)
         style = "bold" if g["name"] == snap["group_name"] else ""
         table.add_row(
             g["name"],
@@ -185,8 +187,6 @@ def _database_table(snap: Snapshot, compact: bool = False) -> RenderableType:
     grid.add_row("dead-lettered", _num(t["dead_lettered"]))
     if not compact:
         grid.add_row("processed", _num(db["processed"]))
-        estimate = db["rows_estimate"]
-        grid.add_row("raw_items rows", "-" if estimate is None else f"~{estimate:,}")
     return grid
 
 
@@ -272,8 +272,12 @@ def _throughput_table(snap: Snapshot) -> RenderableType:
     grid = _InertTable.grid(padding=(0, 1))
     grid.add_column(style="dim")
     grid.add_column(justify="right")
-    grid.add_row("last ~1 min", f"{tp['per_s_1m']:,.1f} msg/s")
-    grid.add_row("last ~5 min", f"{tp['per_s_5m']:,.1f} msg/s")
+    # The current rate needs two samples: the live view and the supervisor's monitor have it.
+    now = tp.get("per_s_now")
+    grid.add_row("last ~10 s", "- (live view)" if now is None else f"{now:,.1f} msg/s")
+    # Per-minute buckets: the current minute so far plus one or five whole minutes before it.
+    grid.add_row("last 1–2 min", f"{tp['per_s_1m']:,.1f} msg/s")
+    grid.add_row("last 5–6 min", f"{tp['per_s_5m']:,.1f} msg/s")
     counts = [m["processed"] for m in tp["minutes"]]
     grid.add_row("per minute", _sparkline(counts) or "-")
     return grid
@@ -374,7 +378,7 @@ def _compact(snap: Snapshot) -> RenderableType:
             if g is None:
                 text.append("(none yet)")
             else:
-                lag = _num(g["lag"]) + ("~" if g["lag_source"] == "estimate" else "")
+                lag = _lag(g)
                 text.append(
                     f"{inert.text(g['name'])}  {g['consumers']} consumers · pending {_num(g['pending'])}"
                     f" · lag {lag} · last {_clock(g['last_delivered'])}"
@@ -433,6 +437,11 @@ def _table(box: bool, *columns: str) -> Table:
 
 
 # -- formatting -------------------------------------------------------------------------------
+
+
+def _lag(group: Snapshot) -> str:
+    """A group's lag; "unknown" when Redis neither reports it nor can count it in one sample."""
+    return "unknown" if group["lag"] is None else f"{group['lag']:,}"
 
 
 def _num(value: int | float | None) -> str:

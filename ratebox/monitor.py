@@ -32,6 +32,7 @@ from ratebox.errors import EXIT_OK, RateboxError
 from ratebox.mask import mask_text, mask_url
 from ratebox.metrics import registry_for
 from ratebox.pipeline import sleep
+from ratebox.rate import RateWindow
 from ratebox.role import Role
 
 __all__ = ["Monitor", "ProcessSampler", "collect", "render", "run", "snapshot_line"]
@@ -87,6 +88,7 @@ def collect(
     *,
     sampler: ProcessSampler | None = None,
     pg_error: str | None = None,
+    lag_counter: stream.LagCounter | None = None,
 ) -> Snapshot:
     """Every figure of SPEC §8 as JSON-ready data; a server that fails marks its sections unavailable."""
     started = time.perf_counter()
@@ -110,7 +112,7 @@ def collect(
     try:
         if redis_client is None:
             raise ConnectionError("not connected")
-        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings)
+        snap["stream"], snap["groups"] = _redis_figures(redis_client, settings, lag_counter)
         snap["servers"]["redis"] = {"available": True, "error": None}
     # A dashboard shows whatever it cannot read as unavailable, whatever the reason.
     except Exception as exc:
@@ -154,7 +156,9 @@ def report(
             store.close(conn)
 
 
-def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, list[Snapshot]]:
+def _redis_figures(
+    client: redis.Redis, settings: Settings, lag_counter: stream.LagCounter | None = None
+) -> tuple[Snapshot, list[Snapshot]]:
     name, dead = settings.stream.name, settings.stream.dead_letter
     info = stream.stream_info(client, name)
     figures: Snapshot = {
@@ -180,7 +184,7 @@ def _redis_figures(client: redis.Redis, settings: Settings) -> tuple[Snapshot, l
     groups = []
     for group in stream.groups(client, name):
         group_name = _text(group["name"]) or ""
-        lag, how = stream.group_lag(client, name, group, info)
+        lag, how = stream.group_lag(client, name, group, info, lag_counter)
         groups.append(
             {
                 "name": group_name,
@@ -210,7 +214,6 @@ def _database_sections(figures: Mapping[str, Any]) -> Snapshot:
         "database": {
             "totals": figures["totals"],
             "processed": figures["totals"]["processed"],
-            "rows_estimate": figures["rows_estimate"],
         },
         "consumer_performance": [
             {
@@ -318,6 +321,15 @@ def _ms_since(mark: float) -> float:
 # -- the process ------------------------------------------------------------------------------
 
 
+def _add_current_rate(snap: Snapshot, window: RateWindow) -> None:
+    """Put the rate of committed rows over the last ~10 s into the throughput section."""
+    if snap["database"] is None or snap["throughput"] is None:
+        return
+    window.add(time.monotonic(), snap["database"]["processed"])
+    snap["throughput"]["per_s_now"] = window.rate()
+    snap["throughput"]["now_span_s"] = round(window.span_s(), 1)
+
+
 class Monitor(Role):
     """The monitor process: refresh every refresh_s, show it, serve it; TERM stops it cleanly."""
 
@@ -337,6 +349,7 @@ class Monitor(Role):
         live: bool | None = None,
         refresh_s: float | None = None,
         as_json: bool = False,
+        metrics_listen: str | bool | None = True,
     ) -> None:
         super().__init__(beat, parent_pid)
         self.settings = settings
@@ -346,8 +359,14 @@ class Monitor(Role):
         self.live = live
         self.refresh_s = refresh_s or settings.monitor.refresh_s
         self.as_json = as_json
+        # True: the configured monitor.metrics_listen (the supervisor's child); None: none.
+        self.metrics_listen = (
+            settings.monitor.metrics_listen if metrics_listen is True else metrics_listen or None
+        )
         self.latest: Snapshot | None = None
         self.sampler = ProcessSampler()
+        self.lag_counter = stream.LagCounter()
+        self.rate = RateWindow()
         self._redis: redis.Redis | None = None
         self._pg: Any = None
         self._pg_error: str | None = None
@@ -382,7 +401,9 @@ class Monitor(Role):
             self.status_path,
             sampler=self.sampler,
             pg_error=self._pg_error,
+            lag_counter=self.lag_counter,
         )
+        _add_current_rate(snap, self.rate)
         self.latest = snap
         self._note_outages(snap)
         if self._screen is not None:
@@ -413,7 +434,7 @@ class Monitor(Role):
     # -- helpers ---------------------------------------------------------------------------
 
     def _serve_metrics(self) -> None:
-        listen = self.settings.monitor.metrics_listen
+        listen = self.metrics_listen
         if not listen:
             return
         host, _, port = listen.rpartition(":")

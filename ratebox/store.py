@@ -529,8 +529,6 @@ FROM stream_consumer_stats WHERE stream_name = %s
 # Index-only scan of raw_items_pending_idx (002), which is small because pending rows are few.
 # Not filtered by stream: that would need the heap; a schema serves one stream in practice.
 _PENDING = "SELECT count(*) FROM raw_items WHERE status = 'pending'"
-# The planner's row count, refreshed by (auto)vacuum and analyze: an estimate, said so.
-_ROWS_ESTIMATE = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('raw_items')"
 
 _CONSUMERS = """
 SELECT s.consumer_name AS name, s.group_name AS "group", s.processed, s.errors, s.dead_lettered,
@@ -586,7 +584,6 @@ def monitor_figures(conn: Any, stream_name: str, top: int = 10) -> dict[str, Any
             return {
                 "now": now,
                 "totals": _status_totals(cur, stream_name),
-                "rows_estimate": _rows_estimate(cur),
                 "consumers": _consumer_performance(cur, stream_name),
                 "recent": _recent_activity(cur),
                 "top_errors": _top_errors(cur, top),
@@ -611,13 +608,6 @@ def _status_totals(cur: Any, stream_name: str) -> dict[str, int]:
         "dead_lettered": dead,
         "processed": processed,
     }
-
-
-def _rows_estimate(cur: Any) -> int | None:
-    cur.execute(_ROWS_ESTIMATE)
-    found = cur.fetchone()
-    # -1 means "never analysed": no estimate at all, rather than a wrong one.
-    return int(found[0]) if found and found[0] is not None and found[0] >= 0 else None
 
 
 def _consumer_performance(cur: Any, stream_name: str) -> list[dict[str, Any]]:

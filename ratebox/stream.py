@@ -12,6 +12,7 @@ import redis
 
 from ratebox.errors import ServerUnavailable
 from ratebox.mask import mask_url
+from ratebox.stream_lag import LagCounter, group_lag  # noqa: F401  (callers use stream.*)
 
 #: A stream entry as read: its ID and its fields (empty when the entry was trimmed or deleted).
 Entry = tuple[str, dict[bytes, bytes]]
@@ -351,18 +352,7 @@ def consumers(client: redis.Redis, stream: str, group: str) -> list[dict[str, An
 
 
 # -- monitor ----------------------------------------------------------------------------------
-# Read-only figures for ratebox.monitor. Redis 6.2 (the embedded server) reports no group
-# `lag`, so it is derived here, and every lag says whether it was read, counted or estimated.
-
-#: Entries counted server-side before the lag is estimated from ID timestamps instead: counting
-#: is O(n) inside Redis, and a monitor must not stall the server behind a backlog of millions.
-LAG_COUNT_LIMIT = 10_000
-
-# Counts the entries after an ID without sending them over the wire.
-_COUNT_AFTER = """
-local r = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-return #r
-"""
+# Read-only figures for ratebox.monitor; a group's lag is ratebox.stream_lag's.
 
 
 def memory_usage(client: redis.Redis, stream: str) -> int | None:
@@ -377,41 +367,6 @@ def memory_usage(client: redis.Redis, stream: str) -> int | None:
 def length(client: redis.Redis, stream: str) -> int:
     """XLEN (0 when the stream does not exist)."""
     return int(client.xlen(stream))
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms or 0), int(seq or 0)
-
-
-def group_lag(
-    client: redis.Redis, stream: str, group: Mapping[str, Any], info: Mapping[str, Any]
-) -> tuple[int | None, str]:
-    """Entries never delivered to the group, and how the figure was had: read, counted or estimate."""
-    lag = group.get("lag")
-    if lag is not None:
-        return int(lag), "read"
-    # Redis 7 answers a nil lag when deletions make entries-read unreliable: count instead.
-    added, read_ = info.get("entries-added"), group.get("entries-read")
-    if "lag" not in group and added is not None and read_ is not None:
-        return max(int(added) - int(read_), 0), "read"
-    size = int(info.get("length", 0))
-    first, last = info.get("first-entry"), info.get("last-entry")
-    if not size or not first or not last:
-        return 0, "counted"
-    delivered = _id(group.get("last-delivered-id", b"0-0"))
-    first_id, last_id = _id(first[0]), _id(last[0])
-    if _key(last_id) <= _key(delivered):
-        return 0, "counted"
-    if _key(first_id) > _key(delivered):
-        return size, "counted"
-    counted = int(client.eval(_COUNT_AFTER, 1, stream, "(" + delivered, LAG_COUNT_LIMIT + 1))
-    if counted <= LAG_COUNT_LIMIT:
-        return counted, "counted"
-    # Too many to count: the share of the stream's time span after the last delivered ID.
-    span = max(_key(last_id)[0] - _key(first_id)[0], 1)
-    share = (_key(last_id)[0] - _key(delivered)[0]) / span
-    return max(int(size * share), counted), "estimate"
 
 
 # -- end of monitor ---------------------------------------------------------------------------
@@ -628,6 +583,12 @@ def take_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> str |
         client.pexpire(key, ttl_ms)
         return None
     return current_text
+
+
+def lease_holder(client: redis.Redis, key: str) -> str | None:
+    """Who holds the lease (host:pid:random), or None."""
+    value = client.get(key)
+    return None if value is None else _id(value)
 
 
 def refresh_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:

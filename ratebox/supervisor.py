@@ -104,8 +104,7 @@ class Supervisor:
         self.redis_url = self.dsn = ""
         self.servers_started: list[str] = []
         self.redis: Any = None  # the supervisor's own client: lease and consumer clean-up
-        prefix = settings.consumer_name(1).rsplit("_", 1)[0]
-        self.lease_key = f"ratebox:lease:{settings.stream.name}:{settings.stream.group}:{prefix}"
+        self.lease_key = settings.lease_key()
         self.lease_holder = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:12]}"
         self.lease_held = False
         self.lease_due = 0.0
@@ -154,10 +153,7 @@ class Supervisor:
         except stream.OUTAGE_ERRORS as exc:
             raise ServerUnavailable(f"cannot take the lease: {stream.reason(exc)}") from None
         if holder is not None:
-            raise RateboxError(
-                f"another supervisor ({holder}) runs consumers {s.consumer_name(1)[:-4]}_* "
-                f"of group {s.stream.group} on stream {s.stream.name}"
-            )
+            raise RateboxError(s.lease_refusal(holder))
         self.lease_due = self.clock() + LEASE_REFRESH_S
         if s.postgres.migrate_on_start:
             from ratebox import migrate
@@ -588,6 +584,13 @@ class Supervisor:
             except Exception as exc:
                 log.error("cannot stop the embedded servers: %s", exc)
             self.servers_started = []
+        elif "embedded" in (self.settings.redis.url, self.settings.postgres.dsn):
+            # Found running (another command started them): theirs to stop, but say so.
+            log.info(
+                "the embedded servers of %s were running before this supervisor and stay up;"
+                " stop them with: ratebox-embedded -c FILE stop",
+                os.path.abspath(self.settings.embedded.dir),
+            )
         if self.pipe is not None:
             signal.set_wakeup_fd(-1)
             for fd in self.pipe:

@@ -136,6 +136,11 @@ class Worker(Role):
     def _next_batch(self) -> Batch:
         s = self.settings
         if not self.group_ready:
+            # Register this process (pid, start) now, not at its first batch: an idle worker
+            # restarted under its old name must not show the dead one's pid meanwhile. During a
+            # database outage it registers with its first commit instead.
+            with contextlib.suppress(*OUTAGE_ERRORS):
+                _ = self.pipeline.pg
             stream.ensure_group(self.pipeline.redis, s.stream.name, s.stream.group)
             self.group_ready = True
         if self.cursor is not None:

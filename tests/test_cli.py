@@ -7,12 +7,23 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["supervisor", "worker", "sweeper", "producer", "monitor", "migrate", "dlq", "replay"]
+COMMANDS = [
+    "supervisor",
+    "worker",
+    "sweeper",
+    "producer",
+    "monitor",
+    "migrate",
+    "dlq",
+    "replay",
+    "embedded",
+]
 
 
 def run(
@@ -148,3 +159,69 @@ def test_producer_file_publishes_one_entry_per_line(
         b"not json",
         b"[1]",
     ]
+
+
+def test_a_standalone_worker_refuses_names_a_supervisors_lease_covers(
+    make_config: Any, redis_client: Any
+) -> None:
+    settings, path = make_config()
+    # What a running supervisor on another host holds (host:pid:random).
+    redis_client.set(settings.lease_key(), "vm-7:4242:0123456789ab", px=60_000)
+    try:
+        result = run("worker", "-c", str(path), timeout=60)
+    finally:
+        redis_client.delete(settings.lease_key())
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "another supervisor (vm-7:4242) runs consumers worker_*" in lines[0]
+    assert "not starting worker_001" in lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_version_and_describes_its_options(command: str) -> None:
+    from ratebox import __version__
+
+    result = run(command, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ratebox-{command} {__version__}"
+    shown = run(command, "--help").stdout
+    assert "least severe log lines" in shown
+
+
+def test_produce_help_describes_its_arguments() -> None:
+    shown = run("producer", "produce", "--help").stdout
+    assert "how many messages to publish" in shown
+    assert "seconds between messages" in shown
+
+
+def test_embedded_servers_a_command_leaves_running_are_named_and_stoppable(
+    tmp_path: Path,
+) -> None:
+    var = tmp_path / "var"
+    path = tmp_path / "ratebox.yaml"
+    path.write_text(f"embedded:\n  dir: {var}\n", encoding="utf-8")
+    env = {"REDIS_URL": "", "POSTGRES_DSN": ""}
+    try:
+        migrated = run("migrate", "-c", str(path), env=env, timeout=180)
+        assert migrated.returncode == 0, migrated.stderr
+        # migrate needs no Redis, so it starts none; what it started it names, and how to stop.
+        assert "note: the embedded PostgreSQL started for this command keep running" in (
+            migrated.stderr
+        )
+        assert f"ratebox-embedded -c {path} stop" in migrated.stderr
+        status = run("embedded", "-c", str(path), "status", env=env)
+        assert status.returncode == 0, status.stderr
+        assert re.search(r"embedded PostgreSQL of .*: running, pid \d+", status.stdout)
+        assert "embedded Redis of" in status.stdout and "Redis of " + str(
+            var
+        ) + ": not running" in (status.stdout)
+        # A second command reuses the running server and starts nothing: no note.
+        again = run("migrate", "-c", str(path), env=env, timeout=180)
+        assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+    finally:
+        stopped = run("embedded", "-c", str(path), "stop", env=env, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert re.search(r"PostgreSQL of .*: stopped \(was pid \d+\)", stopped.stdout)
+    after = run("embedded", "-c", str(path), "status", env=env)
+    assert after.stdout.count("not running") == 2, after.stdout

@@ -25,8 +25,16 @@ def test_the_shipped_file_loads_and_uses_the_embedded_servers() -> None:
     settings = config.load(str(ROOT / "ratebox.yaml"), {})
     assert settings.redis.url == "embedded"
     assert settings.postgres.dsn == "embedded"
-    assert settings.stream.retention == 3600
+    assert settings.stream.retention == 600
     assert settings.consumer_name(3) == "worker_003"
+
+
+def test_the_default_retention_costs_what_the_readme_says_an_operator_can_afford() -> None:
+    """Retained entries cost ~245 MB of Redis per million: the default keeps 10 minutes."""
+    default = next(s for s in config.SETTINGS if s.path == "stream.retention").default
+    assert config.duration(default) == 600
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "MB of Redis memory per million retained entries" in readme
 
 
 def test_every_key_has_a_default_that_validates() -> None:

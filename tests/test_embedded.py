@@ -87,7 +87,9 @@ class TestRedis:
     def test_a_server_that_cannot_start_is_reported_in_one_line_naming_its_log(self, var_dir):
         embedded.ensure_redis(var_dir)
         embedded.stop_redis(var_dir)
-        (var_dir / "redis" / "appendonly.aof").write_bytes(b"*garbage")
+        # Multi-part AOF (Redis 7, Valkey): the increment file is what a restart replays.
+        (incr,) = (var_dir / "redis" / "appendonlydir").glob("*.incr.aof")
+        incr.write_bytes(b"*garbage")
         with pytest.raises(ServerUnavailable) as failure:
             embedded.ensure_redis(var_dir)
         message = str(failure.value)

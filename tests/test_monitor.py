@@ -30,9 +30,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from ratebox import config, monitor, producer, store, stream
+from ratebox import config, dashboard, monitor, producer, store, stream, stream_lag
 from ratebox.config import Settings
 from ratebox.metrics import registry_for
+from ratebox.rate import RateWindow
 from ratebox.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,21 +241,106 @@ def test_the_report_shows_what_was_published_and_processed(
     json.dumps(snap)  # the snapshot is the JSON report: it must encode as it is
 
 
-def test_lag_without_a_lag_field_is_counted_or_else_estimated(
+def test_the_database_section_gives_one_exact_row_figure_and_no_estimate(
+    filled, redis_client, pg_schema_dsn
+) -> None:
+    """'processed' counts this stream's rows exactly; a planner estimate beside it disagreed."""
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM raw_items")
+            (rows,) = cur.fetchone()
+    finally:
+        conn.close()
+    assert snap["database"]["processed"] == rows == FIRST + SECOND
+    assert set(snap["database"]) == {"totals", "processed"}
+    text = as_text(monitor.render(snap))
+    assert "raw_items rows" not in text and f"{rows:,}" in text
+
+
+def test_server_state_is_told_in_words_not_only_colour(filled, redis_client) -> None:
+    snap = monitor.collect(filled, redis_client, None, pg_error="connection refused")
+    text = as_text(monitor.render(snap))
+    header = text.splitlines()[0]
+    assert "redis up" in header and "postgres DOWN" in header
+
+
+def _deliver_and_ack(client: redis.Redis, names: Any, n: int) -> None:
+    """n entries delivered to worker_001 and acknowledged, as a worker would."""
+    while n > 0:
+        entries = stream.read(client, names.stream, names.group, "worker_001", min(n, 10_000))
+        stream.ack(client, names.stream, names.group, [entry_id for entry_id, _ in entries])
+        n -= len(entries)
+
+
+def _as_redis_62(client: redis.Redis, names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """XINFO GROUPS as Redis 6.2 answers it (no lag), whatever server this test runs on."""
+    info = stream.stream_info(client, names.stream)
+    assert info is not None
+    (group,) = stream.groups(client, names.stream)
+    return {k: v for k, v in group.items() if k not in ("lag", "entries-read")}, info
+
+
+def test_lag_without_a_lag_field_is_counted_behind_older_retained_entries(
+    names, redis_client
+) -> None:
+    # An hour of retained, acknowledged entries, then a burst: the IDs' timestamps say nothing
+    # about how many are queued, so only a count is right.
+    producer.produce(redis_client, names.stream, 50_000)
+    stream.ensure_group(redis_client, names.stream, names.group)
+    _deliver_and_ack(redis_client, names, 50_000)
+    producer.produce(redis_client, names.stream, 200_000)
+    group, info = _as_redis_62(redis_client, names)
+    assert stream.group_lag(redis_client, names.stream, group, info) == (200_000, "counted")
+
+    counter = stream.LagCounter()
+    assert stream.group_lag(redis_client, names.stream, group, info, counter) == (
+        200_000,
+        "counted",
+    )
+    # Then workers take 30,000 and producers add 7,000: the kept count follows both.
+    _deliver_and_ack(redis_client, names, 30_000)
+    producer.produce(redis_client, names.stream, 7_000)
+    group, info = _as_redis_62(redis_client, names)
+    assert stream.group_lag(redis_client, names.stream, group, info, counter) == (
+        177_000,
+        "counted",
+    )
+
+
+def test_a_backlog_too_long_to_count_in_one_sample_is_unknown_not_a_guess(
     names, redis_client, monkeypatch
 ) -> None:
     producer.produce(redis_client, names.stream, 100)
     stream.ensure_group(redis_client, names.stream, names.group)
     stream.read(redis_client, names.stream, names.group, "worker_001", 30)
-    info = stream.stream_info(redis_client, names.stream)
-    assert info is not None
-    (group,) = stream.groups(redis_client, names.stream)
-    # What Redis 6.2 answers, whatever server this test runs on.
-    old_reply = {k: v for k, v in group.items() if k not in ("lag", "entries-read")}
-    assert stream.group_lag(redis_client, names.stream, old_reply, info) == (70, "counted")
-    monkeypatch.setattr(stream, "LAG_COUNT_LIMIT", 10)
-    lag, how = stream.group_lag(redis_client, names.stream, old_reply, info)
-    assert how == "estimate" and lag is not None and lag >= 11
+    group, info = _as_redis_62(redis_client, names)
+    assert stream.group_lag(redis_client, names.stream, group, info) == (70, "counted")
+    monkeypatch.setattr(stream_lag, "CHUNK", 10)
+    monkeypatch.setattr(stream_lag, "MAX_CHUNKS", 3)
+    assert stream.group_lag(redis_client, names.stream, group, info) == (None, "unknown")
+    snap = {"lag": None, "lag_source": "unknown"}
+    assert dashboard._lag(snap) == "unknown"
+
+
+def test_the_current_rate_of_committed_rows_sits_beside_the_minute_history(
+    filled, redis_client, pg_schema_dsn
+) -> None:
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+    finally:
+        conn.close()
+    assert "last ~10 s" in as_text(monitor.render(snap))  # one report: no second sample yet
+    window = RateWindow()
+    processed = snap["database"]["processed"]
+    window.add(time.monotonic() - 5.0, processed - 5_000)  # 5,000 rows in the last 5 s
+    monitor._add_current_rate(snap, window)
+    assert 900 < snap["throughput"]["per_s_now"] <= 1_000
+    text = as_text(monitor.render(snap))
+    assert "last ~10 s" in text and "last 1–2 min" in text and "msg/s" in text
+    assert " (10s) " in dashboard.snapshot_line(snap)
 
 
 def test_the_process_tree_comes_from_the_status_file_with_cpu_and_memory(
@@ -543,7 +629,7 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
     log_path = tmp_path / "monitor.log"
     with open(log_path, "wb") as log:
         child = subprocess.Popen(
-            [*MONITOR, "-c", str(path), "continuous", "0.5"],
+            [*MONITOR, "-c", str(path), "continuous", "0.5", "--metrics"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -589,3 +675,35 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
     assert len(lines) >= 2, logged
     assert "[monitor] stream " in lines[0] and f"pending={HELD}" in lines[0]
     assert_no_personal_data([logged, text], published_values(redis_client, names.stream))
+
+
+def test_a_standalone_monitor_leaves_the_supervisors_metrics_port_alone(
+    filled, names, redis_url, pg_schema_dsn, tmp_path
+) -> None:
+    # The supervisor's monitor holds the configured port; a second monitor must not fight it.
+    with closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(
+            tmp_path, redis_url, pg_schema_dsn, names, metrics_listen=f"127.0.0.1:{port}"
+        )
+        log_path = tmp_path / "monitor.log"
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(
+                [*MONITOR, "-c", str(path), "continuous", "0.5"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=server_free_environ(),
+            )
+        try:
+            wait_for(lambda: "len=" in log_path.read_text())
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(timeout=15) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    logged = log_path.read_text()
+    assert "/metrics" not in logged and "ERROR" not in logged, logged

@@ -316,7 +316,12 @@ BAD_RULES = [
     (
         "bad regex",
         [rule(check="pattern", params={"regex": "(0-9"})],
-        "rules[0].params.regex: invalid regular expression: missing )",
+        "rules[0].params.regex: not a pattern the linear-time engine (RE2) accepts: missing )",
+    ),
+    (
+        "backreference",
+        [rule(check="pattern", params={"regex": r"(a)\1"})],
+        "rules[0].params.regex: not a pattern the linear-time engine (RE2) accepts: invalid escape",
     ),
     (
         "regex not a string",
@@ -513,3 +518,23 @@ def test_each_field_fails_at_most_once_and_in_rule_order(item):
 def test_messages_never_show_a_whole_number(digits):
     failure = one_rule("email", {}, "{value}").check({"f": digits})[0]
     assert digits not in failure.message
+
+
+def test_a_pattern_that_backtracks_in_python_runs_in_linear_time() -> None:
+    # `^(a+)+$` takes Python's re minutes on 41 characters; RE2 answers at once, whatever the
+    # machine does meanwhile (no timing is asserted: it would hang instead of failing).
+    engine = compile_rules(
+        parse_rules([rule(field="name", check="pattern", params={"regex": "^(a+)+$"}, code=401)])
+    )
+    failures = engine.check({**VALID, "name": "a" * 5000 + "!"})
+    assert [f.code for f in failures] == [401]
+    assert engine.check({**VALID, "name": "a" * 5000}) == []
+
+
+@pytest.mark.parametrize("value", ["１２３", "١٢٣", "12３"])
+def test_digit_classes_in_patterns_mean_ascii_digits(value: str) -> None:
+    engine = compile_rules(
+        parse_rules([rule(field="name", check="pattern", params={"regex": r"\d+"}, code=401)])
+    )
+    assert [f.code for f in engine.check({**VALID, "name": value})] == [401]
+    assert engine.check({**VALID, "name": "123"}) == []

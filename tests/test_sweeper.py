@@ -21,6 +21,7 @@ import yaml
 from ratebox import config, producer, stream
 from ratebox.config import Settings
 from ratebox.pipeline import OUTAGE_ERRORS
+from ratebox.rules import compile_rules
 from ratebox.sweeper import NAME, Sweeper
 from ratebox.worker import Worker
 
@@ -225,8 +226,30 @@ def test_a_poison_pill_that_crashes_every_delivery_is_dead_lettered_and_the_rest
     assert row_count(pg_schema_dsn, settings) == len(ids)
 
 
+#: The name of the item that hangs the rules (see _HangingEngine).
+HANGING_NAME = "a" * 40 + "!"
+
+
+class _HangingEngine:
+    """The configured rules, except that one item hangs them: a defect in our own code.
+
+    Rule patterns run on RE2 and cannot hang; a bug can, and the sweeper must survive it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = compile_rules(settings.rules)
+
+    def check(self, item: Any) -> Any:
+        if isinstance(item, dict) and item.get("name") == HANGING_NAME:
+            time.sleep(3600)
+        return self.engine.check(item)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
 def _sweep_once(settings: Settings, redis_url: str, dsn: str) -> None:
-    sweeper = Sweeper(settings, redis_url, dsn)
+    sweeper = Sweeper(settings, redis_url, dsn, _HangingEngine(settings))  # type: ignore[arg-type]
     try:
         sweeper.loop()
     finally:
@@ -237,18 +260,9 @@ def _sweep_once(settings: Settings, redis_url: str, dsn: str) -> None:
 def test_a_poison_pill_that_hangs_the_sweeper_only_takes_itself_down(
     redis_client: redis.Redis, redis_url: str, pg_schema_dsn: str, names: Any
 ) -> None:
-    # Catastrophic backtracking: the pill's name keeps the regex busy for hours; good names
-    # take the second branch at once.
-    rule = {
-        "field": "name",
-        "check": "pattern",
-        "params": {"regex": "(a+)+|[^a].*"},
-        "code": 500,
-        "message": "Name has a strange shape",
-    }
-    settings = make_settings(names, rules=[rule])
+    settings = make_settings(names)
     items = [dict(VALID, name=f"Tran Van {i}") for i in range(5)]
-    items.insert(2, dict(VALID, name="a" * 40 + "!"))
+    items.insert(2, dict(VALID, name=HANGING_NAME))
     ids = publish(redis_client, settings, items)
     pill = ids[2]
     read_as(redis_client, settings, "worker_009")

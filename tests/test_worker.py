@@ -286,3 +286,32 @@ def test_redis_restart_mid_run_is_waited_out(make_config, names, tmp_path_factor
         assert client.xlen(names.dead_letter) == 0
     finally:
         embedded.stop_redis(var)
+
+
+def test_a_restarted_idle_worker_shows_its_own_pid_before_any_work(
+    make_config, redis_client, names
+) -> None:
+    settings, _ = make_config()
+    dsn = settings.postgres.dsn
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        # What the dead predecessor of the same name left behind.
+        cur.execute(
+            "INSERT INTO stream_consumer_stats (stream_name, consumer_name, group_name, processed,"
+            " errors, dead_lettered, total_processing_ms, last_active, hostname, pid, started_at)"
+            " VALUES (%s, 'worker_001', %s, 5, 0, 0, 1, now(), 'old-host', 1, now())",
+            (names.stream, names.group),
+        )
+        conn.commit()
+    worker = Worker(settings, "worker_001", settings.redis.url, dsn)
+    try:
+        assert worker.loop() == 0  # nothing to read: an idle worker
+    finally:
+        worker.pipeline.reset()
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pid, hostname, processed FROM stream_consumer_stats WHERE consumer_name ="
+            " 'worker_001' AND stream_name = %s",
+            (names.stream,),
+        )
+        pid, host, processed = cur.fetchone()
+    assert (pid, processed) == (os.getpid(), 5) and host != "old-host"
