@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ratebox import __version__, config, log
+from ratebox import __version__, config, inert, log
 from ratebox.errors import EXIT_OK, RateboxError, UsageError
 
 
@@ -56,7 +56,8 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         try:
             return main(argv)
         except RateboxError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            # Errors may quote a value from a file or a server: shown inert, on one line.
+            print(f"error: {inert.text(str(exc), 500)}", file=sys.stderr)
             return exc.exit_status
         except KeyboardInterrupt:
             return 130

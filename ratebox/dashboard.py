@@ -16,6 +16,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ratebox import inert
+
 #: Rows of "top errors (1 hour)" shown in the full view.
 TOP_ERRORS = 10
 #: Below this many columns or rows the live view uses its compact form (fits 80x24).
@@ -107,14 +109,26 @@ def _header(snap: Snapshot) -> Text:
 
 def _unavailable(snap: Snapshot, server: str) -> Text:
     error = snap["servers"].get(server, {}).get("error")
-    return Text(f"unavailable: {error}", style="red")
+    return Text(f"unavailable: {inert.text(error)}", style="red")
+
+
+class _InertTable(Table):
+    """A table whose text cells are shown as they are: never parsed as markup, never obeyed.
+
+    Cells hold names and samples from Redis and the database, which a producer can choose.
+    """
+
+    def add_row(self, *renderables: RenderableType | None, **options: Any) -> None:
+        super().add_row(
+            *(Text(inert.text(r)) if isinstance(r, str) else r for r in renderables), **options
+        )
 
 
 def _stream_table(snap: Snapshot) -> RenderableType:
     st = snap["stream"]
     if st is None:
         return _unavailable(snap, "redis")
-    grid = Table.grid(padding=(0, 1))
+    grid = _InertTable.grid(padding=(0, 1))
     grid.add_column(style="dim")
     grid.add_column()
     grid.add_row("length", _num(st["length"]) if st["exists"] else "(no stream yet)")
@@ -165,7 +179,7 @@ def _database_table(snap: Snapshot, compact: bool = False) -> RenderableType:
     if db is None:
         return _unavailable(snap, "postgres")
     t = db["totals"]
-    grid = Table.grid(padding=(0, 1))
+    grid = _InertTable.grid(padding=(0, 1))
     grid.add_column(style="dim")
     grid.add_column(justify="right")
     grid.add_row("done", Text(_num(t["done"]), style="green"))
@@ -256,7 +270,7 @@ def _throughput_table(snap: Snapshot) -> RenderableType:
     tp = snap["throughput"]
     if tp is None:
         return _unavailable(snap, "postgres")
-    grid = Table.grid(padding=(0, 1))
+    grid = _InertTable.grid(padding=(0, 1))
     grid.add_column(style="dim")
     grid.add_column(justify="right")
     # The current rate needs two samples: the live view and the supervisor's monitor have it.
@@ -292,7 +306,7 @@ def _processes_table(
     if procs is None:
         return Text("not under a supervisor (no status file)", style="dim")
     if not procs["available"]:
-        return Text(f"unavailable: {procs['error']}", style="red")
+        return Text(f"unavailable: {inert.text(procs['error'])}", style="red")
     if compact:
         table = _table(box, "name", "pid", "state", "rst", "CPU%", "RSS")
     else:
@@ -390,7 +404,7 @@ def _compact(snap: Snapshot) -> RenderableType:
             else:
                 lag = _lag(g)
                 text.append(
-                    f"{g['name']}  {g['consumers']} consumers · pending {_num(g['pending'])}"
+                    f"{inert.text(g['name'])}  {g['consumers']} consumers · pending {_num(g['pending'])}"
                     f" · lag {lag} · last {_clock(g['last_delivered'])}"
                 )
             lines.append(text)
@@ -424,7 +438,7 @@ def _side_by_side(
     *parts: RenderableType, ratios: tuple[int, ...] | None = None, panels: bool = True
 ) -> Table:
     # Panels share the width; bare tables (compact view) take what their content needs.
-    grid = Table.grid(expand=panels, padding=(0, 0 if panels else 3))
+    grid = _InertTable.grid(expand=panels, padding=(0, 0 if panels else 3))
     for i in range(len(parts)):
         grid.add_column(ratio=(ratios[i] if ratios else 1) if panels else None)
     grid.add_row(*parts)
@@ -432,7 +446,7 @@ def _side_by_side(
 
 
 def _table(box: bool, *columns: str) -> Table:
-    table = Table(
+    table = _InertTable(
         box=boxes.SIMPLE_HEAD if box else None,
         pad_edge=False,
         show_edge=False,

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import redis
 
-from ratebox import mask, stream
+from ratebox import inert, mask, stream
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class DeadLetter:
     preview: str
 
     def line(self) -> str:
-        """One line for ``ratebox-dlq list``."""
-        return (
+        """One line for ``ratebox-dlq list``; every field shown inert (they come from Redis)."""
+        return inert.text(
             f"{self.id}  original {self.original_id or '?'}  deliveries {self.delivery_count or '?'}"
             f"  at {self.dead_lettered_at or '?'}  by {self.consumer or '?'}"
             f"  reason: {self.reason or '?'}  data: {self.preview}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ratebox import inert
 from ratebox.mask import mask_text
 
 FORMAT = "%(asctime)s %(levelname)-7s [%(title)s] %(message)s"
@@ -22,9 +23,10 @@ class MaskingFilter(logging.Filter):
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.msg, record.args = mask_text(message), None
+        # One record, one line: a CR or LF from a message must not forge a line of its own.
+        record.msg, record.args = inert.text(mask_text(message)), None
         if record.exc_text:
-            record.exc_text = mask_text(record.exc_text)
+            record.exc_text = inert.lines(mask_text(record.exc_text))
         return True
 
 

@@ -261,4 +261,11 @@ def _timestamp(raw: bytes | str | None) -> datetime | None:
     except ValueError:
         return None
     # A producer that leaves out the offset means UTC: that is what every clock here runs on.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    # Python takes offsets PostgreSQL refuses (beyond +-15:59, or with seconds): the moment is
+    # kept in UTC, which any timestamptz holds. A moment outside years 1-9999 is not kept.
+    try:
+        return moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        return None

@@ -13,7 +13,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ratebox import buckets
+from ratebox import buckets, inert
 
 Snapshot = dict[str, Any]
 
@@ -41,7 +41,7 @@ def _gauge(
 ) -> Metric:
     family = GaugeMetricFamily(name, doc, labels=labels or [])
     for values, value in samples:
-        family.add_metric(values, value)
+        family.add_metric(_labels(values), value)
     return family
 
 
@@ -50,7 +50,7 @@ def _counter(
 ) -> Metric:
     family = CounterMetricFamily(name, doc, labels=labels)
     for values, value in samples:
-        family.add_metric(values, value)
+        family.add_metric(_labels(values), value)
     return family
 
 
@@ -72,6 +72,12 @@ def _partition_metrics(snap: Snapshot) -> Iterator[Metric]:
             [([str(r["partition"]), r["name"]], r[key]) for r in rows if r[key] is not None],
             labels,
         )
+
+
+def _labels(values: list[str]) -> list[str]:
+    # Label values come from Redis and the database (consumer, group, field names): the text
+    # format escapes quotes and newlines, but not what a terminal running curl would obey.
+    return [inert.text(v, 200) for v in values]
 
 
 def _stream_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -168,7 +174,7 @@ def _database_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     for c in perf:
         histogram.add_metric(
-            [c["name"]],
+            _labels([c["name"]]),
             buckets.cumulative(c.get("buckets") or []),
             (c["total_ms"] or 0.0) / 1000,
         )

@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.live import Live
 
-from ratebox import route, store, stream
+from ratebox import inert, route, store, stream
 from ratebox.config import Settings
 from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
@@ -301,16 +301,9 @@ def _workers(reported: Any, children: list[Snapshot]) -> Snapshot:
         "desired": desired if isinstance(desired, int) else None,
         "running": running,
         "autoscale": reported.get("autoscale") is True,
-        "reason": _printable(_safe(str(reason))) if reason is not None else None,
+        "reason": _safe(str(reason)) if reason is not None else None,
         "changed_at": changed_at if isinstance(changed_at, (int, float)) else None,
     }
-
-
-def _printable(text: str | None) -> str | None:
-    """Text from a file, with control characters (terminal escapes) replaced."""
-    if text is None:
-        return None
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _uptime(started: Any) -> float | None:
@@ -338,8 +331,8 @@ def _age(now: datetime, then: datetime | None) -> float | None:
 
 
 def _safe(text: str | None) -> str | None:
-    """Free text from outside, with personal data and credentials masked."""
-    return mask_text(mask_url(text)) if text is not None else None
+    """Free text from outside, masked, with control characters shown as escapes."""
+    return inert.text(mask_text(mask_url(text))) if text is not None else None
 
 
 def _reason(exc: BaseException) -> str:

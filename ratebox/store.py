@@ -368,7 +368,7 @@ def write_batch(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
             raise
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise _permission(conn, exc) from None
-        except psycopg2.Error:
+        except (psycopg2.Error, UnicodeError):
             conn.rollback()  # a row exists already, or one is refused: the careful path sorts it
     return _write_careful(conn, consumer, rows)
 
@@ -381,11 +381,18 @@ def _write_careful(conn: Any, consumer: Consumer, rows: Sequence[Row]) -> int:
     except psycopg2.errors.InsufficientPrivilege as exc:
         # The role's fault, not the rows': never recorded as code 903.
         raise _permission(conn, exc) from None
-    except psycopg2.Error as exc:
+    except (psycopg2.Error, UnicodeError) as exc:
         conn.rollback()
         if len(rows) == 1:
-            reason = (exc.pgerror or str(exc)).strip().splitlines()[0][:200]
-            return _insert_new(conn, consumer, [verdict.rejected(rows[0], reason)])
+            # The first line only: DETAIL and CONTEXT lines quote the row's data.
+            reason = (getattr(exc, "pgerror", None) or str(exc)).strip().splitlines()[0][:200]
+            try:
+                return _insert_new(conn, consumer, [verdict.rejected(rows[0], reason)])
+            except OUTAGE_ERRORS:
+                raise
+            except (psycopg2.Error, UnicodeError):
+                conn.rollback()
+                return _insert_new(conn, consumer, [verdict.bare(rows[0], "row refused")])
         middle = len(rows) // 2
         return _write_careful(conn, consumer, rows[:middle]) + _write_careful(
             conn, consumer, rows[middle:]

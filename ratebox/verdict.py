@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from time import perf_counter
 from typing import Any, NamedTuple
 
-from ratebox import message
+from ratebox import mask, message
 from ratebox.rules import Engine, Failure
 
 DONE = "done"
@@ -87,18 +87,53 @@ def judge_all(
 
 
 def rejected(row: Row, reason: str) -> Row:
-    """The same entry recorded as refused by the database (903), its data kept as text."""
-    failure = message.pipeline_failure(message.DB_REJECTED, f"Rejected by the database: {reason}")
+    """The same entry recorded as refused by the database (903), its data kept as text.
+
+    The row of last resort: every value the entry gave is made storable (text without NUL or
+    lone surrogates, a timestamp only when already in UTC), whatever the entry held.
+    """
+    failure = message.pipeline_failure(
+        message.DB_REJECTED, f"Rejected by the database: {mask.mask_text(_storable(reason))}"
+    )
+    at = row.produced_at
     return row._replace(
-        data=message.dumps({"_raw": message.sanitize(row.data[: message.RAW_KEEP_CHARS])}),
-        source=message.sanitize(row.source) if row.source else None,
+        data=message.dumps({"_raw": _storable(row.data[: message.RAW_KEEP_CHARS])}),
+        source=_storable(row.source) if row.source else None,
         status=ERROR,
         error_code=failure.code,
         error_message=failure.message,
         errors=[failure],
-        batch_id=message.sanitize(row.batch_id) if row.batch_id else None,
-        producer=message.sanitize(row.producer) if row.producer else None,
+        batch_id=_storable(row.batch_id) if row.batch_id else None,
+        producer=_storable(row.producer) if row.producer else None,
+        produced_at=at if at is not None and at.utcoffset() == _ZERO else None,
     )
+
+
+def bare(row: Row, reason: str) -> Row:
+    """The 903 row with nothing from the entry but its ID: for when even ``rejected`` is refused."""
+    failure = message.pipeline_failure(message.DB_REJECTED, f"Rejected by the database: {reason}")
+    return rejected(row, "")._replace(
+        data=message.dumps({"_raw": ""}),
+        source=None,
+        batch_id=None,
+        producer=None,
+        produced_at=None,
+        error_message=failure.message,
+        errors=[failure],
+    )
+
+
+_ZERO = timedelta(0)
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text holds neither U+0000 nor a lone surrogate (which has no UTF-8 form).
+    text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode()
+    return text
 
 
 def dead_lettered(

@@ -416,7 +416,7 @@ def test_desired_and_running_workers_and_the_last_reason_come_from_the_status_fi
     assert families[("ratebox_workers_running", ())] == 2
     shown = as_text(monitor.render(snap))
     assert "workers 2/4 running (autoscale)" in shown
-    assert "backlog 48,210 for 2 workers > 5,000 each: 2 → 4?[2J" in shown
+    assert "backlog 48,210 for 2 workers > 5,000 each: 2 → 4\\x1b[2J" in shown
     assert "\x1b" not in snap["processes"]["workers"]["reason"]
     assert "workers 2/4 running" in monitor.snapshot_line(snap)
 
