@@ -134,3 +134,25 @@ def group_lag(
     else:
         counted = count_between(client, stream, delivered, last_id)
     return (counted, COUNTED) if counted is not None else (None, UNKNOWN)
+
+
+def group_backlog(
+    client: redis.Redis, stream: str, group: str, counter: LagCounter | None = None
+) -> tuple[int | None, int]:
+    """(entries not yet delivered to the group, entries pending) of one stream: one XINFO
+    GROUPS call, plus XINFO STREAM and a count only when Redis gives no lag."""
+    try:
+        found = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0, 0  # no stream yet: nothing waits
+    for g in found:
+        if _text(g.get("name", b"")) == group:
+            if g.get("lag") is not None:
+                return int(g["lag"]), int(g.get("pending", 0))
+            try:
+                info = client.xinfo_stream(stream)
+            except redis.ResponseError:
+                return 0, int(g.get("pending", 0))
+            lag, _ = group_lag(client, stream, g, info, counter)
+            return lag, int(g.get("pending", 0))
+    return None, 0  # no group yet: the stream's length is not ours to judge

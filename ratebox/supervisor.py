@@ -40,6 +40,7 @@ from ratebox.errors import (
     ServerUnavailable,
 )
 from ratebox.rules import Engine, compile_rules
+from ratebox.scaler import Scaler
 from ratebox.topology import Child, Spec
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class Supervisor:
         self.clock = clock
         self.pid = os.getpid()
         self.engine: Engine | None = None
-        self.worker_count = settings.workers.count
+        self.worker_count = settings.workers.count  # with autoscale on: the start
+        self.scaler = Scaler(settings)
         self.scale_reason: str | None = None  # why the worker count last changed
         self.scaled_at: float | None = None  # wall clock of that change
         self.desired = topology.desired_children(settings, self.worker_count)
@@ -183,8 +185,17 @@ class Supervisor:
         self.notice_up()
         self.kill_silent(now)
         self.converge(now)
+        self.follow_backlog(now)
         self.keep_lease(now)
         self.report(now)
+
+    def follow_backlog(self, now: float) -> None:
+        """With workers.autoscale on: sample when due and scale as the decision says."""
+        if self.redis is None or not self.lease_held:
+            return
+        decision = self.scaler.step(self.redis, now, self.worker_count)
+        if decision is not None and decision.count != self.worker_count:
+            self.scale(decision.count, decision.reason)
 
     def stop_children(self) -> int:
         """Stop every child, gracefully unless told otherwise; returns the exit status."""
@@ -280,7 +291,13 @@ class Supervisor:
             changed = ", ".join(sorted(self.settings.diff(new))) or "nothing"
             self.settings, self.engine = new, engine
             log.info("reloaded %s: changed %s", self.config_path, changed)
-            self.scale(new.workers.count, f"reload: workers.count {new.workers.count}")
+            self.scaler.reconfigure(new)
+            if self.scaler.enabled:
+                # The count follows the backlog: a reload only moves it into the new bounds.
+                lo, hi = new.get("workers.autoscale.min"), config.autoscale_max(new.values)
+                self.scale(min(max(self.worker_count, lo), hi), f"reload: autoscale {lo}..{hi}")
+            else:
+                self.scale(new.workers.count, f"reload: workers.count {new.workers.count}")
         finally:
             if self.ready:
                 systemd.notify(f"READY=1\nSTATUS={self.systemd_status}")
@@ -558,6 +575,8 @@ class Supervisor:
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.status_path, exc.strerror)
         line = topology.status_line(self.desired, self.children)
+        if self.scaler.enabled:
+            line += f" (autoscale: {self.scale_reason or 'start'})"
         if line != self.systemd_status:
             self.systemd_status = line
             systemd.notify(f"STATUS={line}")
@@ -580,7 +599,7 @@ class Supervisor:
         return {
             "desired": self.worker_count,
             "running": topology.workers_running(self.children),
-            "autoscale": False,
+            "autoscale": self.scaler.enabled,
             "reason": self.scale_reason,
             "changed_at": self.scaled_at,
         }
@@ -628,6 +647,8 @@ class Supervisor:
                 wake = min(wake, child.not_before - now)
         if self.watchdog_s is not None:
             wake = min(wake, self.watchdog_due - now)
+        if self.scaler.enabled:
+            wake = min(wake, self.scaler.due - now)
         return max(0.0, wake)
 
 
