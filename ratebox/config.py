@@ -22,8 +22,22 @@ from ratebox.errors import ConfigError
 Validator = Callable[[Any], Any]
 
 
+#: A value shown in an error is cut to this many characters: errors stay one short line.
+SHOWN_MAX = 60
+
+
 def _describe(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__}"  # never render a whole (maybe huge) structure
+    if isinstance(value, str):
+        # Control characters shown escaped: an error line stays one line.
+        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value[:SHOWN_MAX])
+        text = f'"{shown}"' + ("…" if len(value) > SHOWN_MAX else "")
+    elif isinstance(value, int) and value.bit_length() > 64:
+        text = f"an integer of {value.bit_length()} bits"  # repr() itself refuses huge ones
+    else:
+        text = repr(value)
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 1] + "…"
 
 
 def integer(lo: int, hi: int) -> Validator:
@@ -56,12 +70,12 @@ def boolean(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {_describe(value)}")
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:{}\-]{1,200}$")
+_NAME = re.compile(r"[A-Za-z0-9_.:{}\-]{1,200}")
 
 
 def name(value: Any) -> str:
     """A Redis key or consumer name: letters, digits and _ . : - (no spaces)."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"must be a name of letters, digits and _.:- , got {_describe(value)}")
     return value
 
@@ -96,18 +110,24 @@ def redis_url(value: Any) -> str:
     return value
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*(ms|s|m|h|d)?")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
+_YEAR_S = 365 * 86400.0
+
+
 def duration(value: Any) -> float:
-    """Seconds, from a number or a text like 90s, 5m, 1h, 2d."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    """Seconds, from a number or a text like 90s, 5m, 1h, 2d (finite, at most 365 days)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= _YEAR_S:
         return float(value)
-    match = _DURATION.match(value.strip()) if isinstance(value, str) else None
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if not match:
         raise ValueError(f"must be a duration like 30s, 5m, 1h or 2d, got {_describe(value)}")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not seconds <= _YEAR_S:
+        raise ValueError(f"must be at most 365d, got {_describe(value)}")
+    return seconds
 
 
 def listen_address(value: Any) -> str | None:
@@ -476,22 +496,47 @@ def _check_together(values: Mapping[str, Any]) -> None:
         )
 
 
+#: A configuration file is a page of settings: anything larger is a mistake (or an attack).
+MAX_FILE_BYTES = 1 << 20
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without aliases: `*name` can expand a few lines into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:
     """Read a YAML file and the environment; every problem is a ConfigError naming the key."""
     environ = os.environ if environ is None else environ
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes")
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_Loader)
+        return from_mapping(data, environ, source=path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    except ValueError as exc:  # YAML's int() of a number with thousands of digits
+        raise ConfigError(f"{path}: unreadable value: {str(exc)[:SHOWN_MAX]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = str(getattr(exc, "problem", None) or "invalid YAML")[:SHOWN_MAX]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    return from_mapping(data, environ, source=path)
 
 
 def defaults() -> Settings:

@@ -287,6 +287,8 @@ class Supervisor:
             engine = self.engine if new.rules == self.settings.rules else compile_rules(new.rules)
         except ConfigError as exc:
             log.error("reload refused: %s", exc)
+        except Exception as exc:  # a reload must never take the running service down
+            log.error("reload refused: cannot load %s: %s", self.config_path, type(exc).__name__)
         else:
             changed = ", ".join(sorted(self.settings.diff(new))) or "nothing"
             self.settings, self.engine = new, engine

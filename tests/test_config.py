@@ -162,3 +162,45 @@ def test_loading_any_values_either_validates_or_names_a_key(values: dict[str, ob
         # A key of its own, or a check of several keys that names one of them.
         together = ("workers.block_ms", "workers.count", "workers.autoscale.min")
         assert str(exc).split(":")[0] in values or str(exc).startswith(together)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"# caf\xe9\nworkers: {count: 2}\n", "not UTF-8 text (byte 5)"),
+        (b"workers: {count: " + b"[" * 3000 + b"]" * 3000 + b"}\n", "nested too deeply"),
+        ((BOMB + "workers: {count: *i}\n").encode(), "aliases (*name) are not accepted"),
+        (b"workers: {count: '" + b"9" * 5000 + b"'}\n", "workers.count: must be an integer"),
+        (b"workers: {count: " + b"9" * 5000 + b"}\n", "unreadable value"),
+        (b"workers: {count: " + b"9" * 40 + b"}\n", "got an integer of 133 bits"),
+        (b"stream: {retention: .inf}\n", "stream.retention: must be a duration"),
+        ("stream: {retention: １２m}\n".encode(), "stream.retention: must be a duration"),
+        (b'workers: {name_prefix: "w\\n"}\n', "workers.name_prefix: must be a name"),
+    ],
+    ids=[
+        "latin-1",
+        "nesting",
+        "alias bomb",
+        "huge value",
+        "huge int",
+        "big int",
+        "inf",
+        "full-width",
+        "newline",
+    ],
+)
+def test_hostile_files_are_refused_in_one_short_line(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "ratebox.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        config.load(str(path), {})
+    message = str(refused.value)
+    assert expected in message
+    assert "\n" not in message and len(message) < 300, message

@@ -130,6 +130,7 @@ def served(names, redis_client, redis_url, pg_schema_dsn, tmp_path) -> set[str]:
             {
                 "supervisor_pid": os.getpid(),
                 "started_at": time.time(),
+                "workers": {"desired": 1, "running": 1, "autoscale": True, "reason": "start"},
                 "children": [
                     {"name": "worker_001", "role": "worker", **child},
                     {"name": "sweeper", "role": "sweeper", **child},

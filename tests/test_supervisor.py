@@ -390,3 +390,20 @@ def test_term_under_load_exits_0_in_time_and_every_acknowledged_entry_has_its_ro
     last = redis_client.xinfo_groups(names.stream)[0]["last-delivered-id"]
     delivered = len(redis_client.xrange(names.stream, "-", last))
     assert row_count(pg_schema_dsn) == delivered - pending(redis_client, names.stream, names.group)
+
+
+class TestHostileReload:
+    def test_a_reload_of_a_hostile_file_is_refused_and_the_service_stays_up(
+        self, start: Callable[[], Running], config_path: Path
+    ) -> None:
+        sup = start()
+        children = sup.wait_titles(titles(1, 2))
+        good = config_path.read_bytes()
+        for hostile in (good + b"# caf\xe9\n", b"workers: " + b"[" * 3000 + b"]" * 3000 + b"\n"):
+            config_path.write_bytes(hostile)
+            before = sup.text().count("reload refused")
+            sup.signal(signal.SIGHUP)
+            wait_for("the refusal", lambda b=before: sup.text().count("reload refused") > b)
+        assert "not UTF-8 text" in sup.text() and "nested too deeply" in sup.text()
+        assert sup.proc.poll() is None
+        assert sup.titles() == children  # the same children, none restarted
