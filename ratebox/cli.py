@@ -459,9 +459,12 @@ def main_replay(argv: Sequence[str] | None = None) -> int:
 
 
 def _entry_id(text: str) -> str:
-    ms, dash, seq = text.partition("-")
-    if not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        raise argparse.ArgumentTypeError(f"must be an entry ID like 1718000000000-0, got {text!r}")
+    from ratebox.replay import is_entry_id
+
+    if not is_entry_id(text):
+        raise argparse.ArgumentTypeError(
+            f"must be an entry ID like 1718000000000-0, got {inert.text(text, 40)!r}"
+        )
     return text
 
 

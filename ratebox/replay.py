@@ -7,7 +7,6 @@ judged again and the raw_items rows whose verdict differs are updated, page by p
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -20,8 +19,6 @@ log = logging.getLogger(__name__)
 
 #: Entries judged and written per transaction.
 PAGE = 500
-
-_ID = re.compile(r"^\d+(?:-\d+)?$")
 
 
 @dataclass
@@ -40,6 +37,22 @@ class Counts:
     missing: int = 0
 
 
+_U64 = 2**64 - 1
+
+
+def is_entry_id(text: str, seq_optional: bool = False) -> bool:
+    """``ms-seq`` of ASCII digits, each part within 64 bits, as Redis accepts it."""
+    ms, dash, seq = text.partition("-")
+    if not dash and seq_optional:
+        seq = "0"
+    elif not dash:
+        return False
+    return all(
+        part.isascii() and part.isdigit() and len(part) <= 20 and int(part) <= _U64
+        for part in (ms, seq)
+    )
+
+
 def to_stream_id(text: str) -> str:
     """An XRANGE bound from an entry ID (``1718000000000-0``, ``1718000000000``, ``-``, ``+``)
     or an ISO 8601 time (``2024-06-08T00:13:03+07:00``; without an offset it is UTC).
@@ -48,8 +61,12 @@ def to_stream_id(text: str) -> str:
     when it starts a range and as the last one when it ends it. Raises ValueError.
     """
     text = text.strip()
-    if text in ("-", "+") or _ID.match(text):
+    if text in ("-", "+"):
         return text
+    if is_entry_id(text, seq_optional=True):
+        return text
+    if text[:1].isdigit() and text.replace("-", "").isascii() and text.replace("-", "").isdigit():
+        raise ValueError(f"not an entry ID (each part at most {_U64:,}): {text[:40]!r}")
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

@@ -227,3 +227,22 @@ def test_embedded_servers_a_command_leaves_running_are_named_and_stoppable(
     assert re.search(r"PostgreSQL of .*: stopped \(was pid \d+\)", stopped.stdout)
     after = run("embedded", "-c", str(path), "status", env=env)
     assert after.stdout.count("not running") == 2, after.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "replay", "99999999999999999999-0"],
+        ["dlq", "replay", "1-18446744073709551616"],
+        ["dlq", "replay", "１２３-0"],
+        ["replay", "--from", "99999999999999999999999"],
+        ["replay", "--from", "1-99999999999999999999"],
+        ["replay", "--from", "１２３"],
+        ["replay", "--from", "0", "--to", "99999999999999999999999"],
+    ],
+)
+def test_ids_redis_would_refuse_are_bad_usage_not_a_traceback(args: list[str]) -> None:
+    result = run(args[0], *args[1:], env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
