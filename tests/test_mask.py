@@ -191,3 +191,46 @@ def test_mask_value_keeps_the_length_and_at_most_four_characters(text):
     assert len(masked) == len(text)
     assert masked[-4:] == text[-4:] or len(text) <= 4
     assert set(masked[: max(len(text) - 4, 0)]) <= {"*"}
+
+
+_count = st.integers(0, 10**12)
+
+
+@given(
+    length=_count,
+    dead=_count,
+    consumers=st.integers(0, 10_000),
+    pending=_count,
+    lag=st.none() | _count,
+    totals=st.lists(_count, min_size=4, max_size=4),
+    rates=st.lists(st.floats(0, 1e9), min_size=3, max_size=3),
+    top=st.lists(st.tuples(st.integers(100, 999), _count), max_size=3),
+)
+def test_the_monitors_own_log_line_survives_the_mask(
+    length, dead, consumers, pending, lag, totals, rates, top
+) -> None:
+    from ratebox.dashboard import snapshot_line
+
+    snap = {
+        "servers": {"redis": {"available": True}, "postgres": {"available": True}},
+        "stream": {
+            "name": "raw_items",
+            "length": length,
+            "memory_bytes": None,
+            "dead_letter": {"length": dead},
+        },
+        "groups": [{"name": "validators", "consumers": consumers, "pending": pending, "lag": lag}],
+        "database": {
+            "totals": dict(zip(("done", "error", "pending", "dead_lettered"), totals, strict=True))
+        },
+        "throughput": dict(zip(("per_s_now", "per_s_1m", "per_s_5m"), rates, strict=True)),
+        "top_errors": [{"code": code, "count": count} for code, count in top],
+        "processes": None,
+    }
+    line = snapshot_line(snap)
+    assert mask_text(line) == line
+
+
+def test_counts_beside_each_other_are_not_an_account_number() -> None:
+    line = "top 300x10,223 200x10,121 100x10,052"
+    assert mask_text(line) == line

@@ -709,7 +709,7 @@ def test_metrics_and_log_lines_without_a_terminal_match_the_servers(
     assert found[("ratebox_supervisor_up", ())] == 0  # no supervisor status file
     logged = log_path.read_text()
     # Stream names are not matched: a test suffix of 8 digits is masked like a number.
-    lines = [line for line in logged.splitlines() if f"len={PUBLISHED} " in line]
+    lines = [line for line in logged.splitlines() if f"len={PUBLISHED:,} " in line]
     assert len(lines) >= 2, logged
     assert "[monitor] stream " in lines[0] and f"pending={HELD}" in lines[0]
     assert_no_personal_data([logged, text], published_values(redis_client, names.stream))
