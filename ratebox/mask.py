@@ -29,6 +29,8 @@ _KEY_VALUE_RE = re.compile(
 )
 #: Lower-case words that must occur in a text before the costly key/value pattern is tried.
 _SECRET_HINTS = ("pass", "pwd", "secret", "token", "key")
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
+_PASSWORD_KEY = re.compile(r"(?i)password\s*=\s*")
 _EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)+")
 # ISO dates and times are matched first and kept, so log timestamps stay readable; they never
 # hold 8 digits in a row. The lookahead lets the engine skip quickly to the next digit.
@@ -64,8 +66,37 @@ def mask_item(item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def mask_url(url: str) -> str:
-    """The URL or libpq DSN with its password hidden: 'redis://:pw@host' -> 'redis://:***@host'."""
-    return _KEY_VALUE_RE.sub(_hide_value, _URL_RE.sub(_hide_url_password, url))
+    """The URL or libpq DSN with its password hidden: 'redis://:pw@host' -> 'redis://:***@host'.
+
+    Taken apart as a client would, not guessed by pattern: a URL's password is everything
+    between the user's ':' and the last '@' (spaces, '#', '?', '/' included); a key=value DSN
+    is parsed by libpq, and one libpq cannot parse is hidden from its password key on.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is not None:
+        rest = url[scheme.end() :]
+        userinfo, at, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        masked = f"{scheme[0]}{user}:{HIDDEN}@{host}" if at and colon else url
+        return _KEY_VALUE_RE.sub(_hide_value, masked)  # ?password=... in the query
+    from psycopg2.extensions import make_dsn, parse_dsn  # a DSN: libpq's own parser
+
+    try:
+        params = parse_dsn(url)
+    except Exception:
+        cut = _PASSWORD_KEY.search(url)
+        return url if cut is None else url[: cut.end()] + HIDDEN
+    if "password" not in params:
+        return url
+    # Keep the operator's own spelling when a plain substitution gives exactly the same DSN
+    # with the password hidden; otherwise (escapes, odd quoting) let libpq write it anew.
+    masked = _KEY_VALUE_RE.sub(_hide_value, url)
+    try:
+        if parse_dsn(masked) == {**params, "password": HIDDEN}:
+            return masked
+    except Exception:
+        pass
+    return make_dsn(url, password=HIDDEN)
 
 
 def mask_text(text: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import re
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from psycopg2.extras import execute_values
 
 from ratebox import buckets, message, privileges, verdict
 from ratebox.errors import ConfigError, RateboxError, ServerUnavailable
+from ratebox.mask import mask_url
 from ratebox.verdict import Row
 
 # -- connections and migrations -----------------------------------------------------------------
@@ -126,10 +126,7 @@ def _migration_failed(conn: Connection, what: str, exc: psycopg2.Error) -> Rateb
 
 def _mask_dsn(dsn: str) -> str:
     """The DSN with its password hidden, in key=value, URL and URL-query form."""
-    dsn = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", dsn)
-    return re.sub(
-        r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", r"\1***", dsn, flags=re.IGNORECASE
-    )
+    return mask_url(dsn)
 
 
 def _first_line(exc: BaseException) -> str:

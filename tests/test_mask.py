@@ -234,3 +234,30 @@ def test_the_monitors_own_log_line_survives_the_mask(
 def test_counts_beside_each_other_are_not_an_account_number() -> None:
     line = "top 300x10,223 200x10,121 100x10,052"
     assert mask_text(line) == line
+
+
+_password = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="@"),
+    min_size=6,
+    max_size=30,
+) | st.from_regex(r"[A-Za-z0-9]{3,10} [#?/&=]{1,3}[A-Za-z0-9@]{3,10}", fullmatch=True)
+
+
+@given(password=_password)
+def test_a_redis_urls_password_is_hidden_whatever_it_holds(password: str) -> None:
+    for url in (f"redis://:{password}@db.example:6379/0", f"rediss://app:{password}@h:1/2?x=1"):
+        shown = mask_url(url)
+        assert password not in shown
+        assert shown.endswith(url.rpartition("@")[2])  # the host part stays readable
+
+
+@given(password=st.text(alphabet="abcXYZ019 '\\#=", min_size=4, max_size=20))
+def test_a_dsns_password_is_hidden_as_libpq_reads_it(password: str) -> None:
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    dsn = make_dsn(host="db.example", dbname="validator", password=password)
+    shown = mask_url(dsn)
+    assert parse_dsn(dsn)["password"] == password
+    assert parse_dsn(shown)["password"] == "***" and "db.example" in shown
+    if len(password.strip()) >= 4:
+        assert password.strip() not in shown.replace("***", "")
