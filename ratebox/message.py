@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -57,6 +58,32 @@ def pipeline_failure(code: int, message: str) -> Failure:
     return Failure(code, DATA_FIELD, message)
 
 
+class JSONNumber(str):
+    """A JSON number no int or float holds exactly, kept as the text it was sent as."""
+
+
+def _int_or_text(text: str) -> Any:
+    return int(text) if len(text) <= 18 else JSONNumber(text)
+
+
+def _float_or_text(text: str) -> Any:
+    value = float(text)
+    return value if math.isfinite(value) else JSONNumber(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")  # json accepts NaN and Infinity; JSON does not
+
+
+def loads_exact(data: bytes | str) -> Any:
+    """JSON like orjson.loads, but numbers beyond 64 bits or a double's range kept as text."""
+    # UTF-8 only: json.loads would guess UTF-16 or UTF-32 from the first bytes.
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return json.loads(
+        text, parse_int=_int_or_text, parse_float=_float_or_text, parse_constant=_no_constant
+    )
+
+
 def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded:
     """The entry's item and metadata, or the first pipeline error (902, then 901, then 900)."""
     # The common case, as redis-py delivers it: bytes keys and values, a JSON object without
@@ -70,6 +97,10 @@ def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded
             item = orjson.loads(data) if size <= max_bytes else None
         except (ValueError, RecursionError, TypeError):
             item = None
+        if type(item) is dict and any(type(v) is float for v in item.values()):
+            # orjson turns an integer past 64 bits into a float: a 30-digit phone must be
+            # judged by its digits, so such an item is read again, exactly.
+            item = loads_exact(data)
         if type(item) is dict:
             get = fields.get
             source = item.get("source")
@@ -111,7 +142,11 @@ def _decode_any(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> De
     try:
         item = orjson.loads(data)
     except (ValueError, RecursionError, TypeError):  # orjson.JSONDecodeError is a ValueError
-        return _refused(entry, MALFORMED, f"Malformed message: data is not valid {_which(data)}")
+        try:  # valid JSON that orjson refuses: a number past a double's range (1e400, 5000 digits)
+            item = loads_exact(data)
+        except (ValueError, RecursionError, TypeError):
+            why = f"Malformed message: data is not valid {_which(data)}"
+            return _refused(entry, MALFORMED, why)
     if type(item) is not dict:
         kind = _JSON_KIND.get(type(item), "null")
         return _refused(

@@ -265,3 +265,34 @@ def test_any_json_object_as_data_decodes_to_itself_without_nul(obj):
     assert decoded.item == sanitize(obj)
     assert len(decoded.item) == len({k.replace("\x00", "\ufffd") for k in obj})
     assert not any("\x00" in k or "\x00" in v for k, v in decoded.item.items())
+
+
+@pytest.mark.parametrize(
+    ("number", "text"),
+    [
+        ("123456789012345678901234567890", "123456789012345678901234567890"),
+        ("1e400", "1e400"),
+        ("9" * 5000, "9" * 5000),
+        ("-1E-400000", None),  # underflows to 0.0: a float holds it
+    ],
+)
+def test_numbers_past_64_bits_or_a_doubles_range_are_judged_by_their_text(
+    number: str, text: str | None
+) -> None:
+    from ratebox.rules import DEFAULT_RULES, compile_rules
+
+    data = f'{{"phone": {number}, "bank_account": "12345678901", "email": "a@b.co"}}'.encode()
+    decoded = decode({b"data": data}, 1 << 20)
+    assert decoded.error is None
+    assert decoded.text == data.decode()  # stored as sent
+    phone = decoded.item["phone"]
+    if text is not None:
+        assert str(phone) == text
+        failures = compile_rules(DEFAULT_RULES).check(decoded.item)
+        assert [f.code for f in failures if f.field == "phone"] == ([101] if len(text) < 10 else [])
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_constants_stay_malformed(constant: str) -> None:
+    decoded = decode({b"data": f'{{"phone": {constant}}}'.encode()}, 1 << 20)
+    assert decoded.error is not None and decoded.error.code == MALFORMED
