@@ -31,15 +31,19 @@ _KEY_VALUE_RE = re.compile(
 _SECRET_HINTS = ("pass", "pwd", "secret", "token", "key")
 _SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
 _PASSWORD_KEY = re.compile(r"(?i)password\s*=\s*")
-_EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)+")
+# A domain of labels, or an address literal (`john.doe@[10.0.0.1]`).
+_EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[\w-]+(?:\.[\w-]+)+|\[[^\]\s]{1,64}\])")
 # ISO dates and times are matched first and kept, so log timestamps stay readable; they never
 # hold 8 digits in a row. The lookahead lets the engine skip quickly to the next digit.
 _DIGITS_RE = re.compile(
-    r"(?=[+\d])(?:(?P<date>(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+    r"(?=[+(\d])(?:(?P<date>(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
     r"(?:[T ][0-2]\d:[0-5]\d(?::[0-5]\d(?:[.,]\d{1,6})?)?)?)(?![\d-])"
     # Redis stream IDs (millisecond time, dash, sequence) stay readable: operators grep them.
     r"|(?P<stream_id>1\d{12}-\d{1,6})(?![\d-])"
-    r"|(?P<digits>\+?\d(?:[ -]?\d){7,}))"
+    # A phone or an account however written: spaces, dots, dashes and brackets may join its
+    # digits (`+84 (912) 345-678`, `1234.5678.9012.3456`); a comma never does, which keeps the
+    # program's own thousands-separated counts readable.
+    r"|(?P<digits>\+?\(?\d(?:[ .()-]{0,2}\d){7,}))"
 )
 _NOT_DIGIT = re.compile(r"\D")
 
@@ -57,7 +61,9 @@ def mask_email(text: str) -> str:
     local, at, domain = text.rpartition("@")
     if not at:
         return mask_value(text)
-    return f"{local[:1]}{HIDDEN}@{domain}"
+    # A "domain" made of a phone or card number is personal data too: its digits are masked
+    # like a number's, keeping the dots (`x***@****.****.****.1111`).
+    return f"{local[:1]}{HIDDEN}@{_DIGITS_RE.sub(_star_digits, domain)}"
 
 
 def mask_item(item: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +132,22 @@ def _hide_value(match: re.Match[str]) -> str:
 
 def _hide_email(match: re.Match[str]) -> str:
     return mask_email(match[0])
+
+
+def _star_digits(match: re.Match[str]) -> str:
+    """The run with every digit but its last four starred, separators kept."""
+    if match["digits"] is None:
+        return match[0]
+    run = match[0]
+    hide = sum(ch.isdigit() for ch in run) - 4
+    out = []
+    for ch in run:
+        if ch.isdigit() and hide > 0:
+            out.append("*")
+            hide -= 1
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _hide_digits(match: re.Match[str]) -> str:

@@ -261,3 +261,23 @@ def test_a_dsns_password_is_hidden_as_libpq_reads_it(password: str) -> None:
     assert parse_dsn(shown)["password"] == "***" and "db.example" in shown
     if len(password.strip()) >= 4:
         assert password.strip() not in shown.replace("***", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("call +84 (912) 345-678 now", "912"),
+        ("call (091) 234-5678 now", "234"),
+        ("card 1234.5678.9012.3456", "5678.9012"),
+        ("mail john.doe@[10.0.0.1]", "john.doe"),
+        ("Invalid email format: x@4111.1111.1111.1111", "4111.1111.1111"),
+        ("Invalid email format: n@0912.345.678", "0912"),
+    ],
+)
+def test_personal_data_however_written_is_masked(text: str, hidden: str) -> None:
+    assert hidden not in mask_text(text)
+
+
+def test_a_domain_made_of_a_number_keeps_its_shape_and_last_four_digits() -> None:
+    assert mask_email("x@4111.1111.1111.1111") == "x***@****.****.****.1111"
+    assert mask_email("user@mail2.example.com") == "u***@mail2.example.com"
