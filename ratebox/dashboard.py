@@ -463,6 +463,9 @@ def _table(box: bool, *columns: str) -> Table:
             justify="left"
             if i == 0 or column in ("name", "field", "sample", "host", "last exit", "state")
             else "right",
+            # The first column names the row (worker_001): on 80 columns the others give way.
+            no_wrap=i == 0,
+            min_width=max(len(column), 10) if i == 0 else None,
         )
     return table
 

@@ -747,3 +747,14 @@ def test_a_standalone_monitor_leaves_the_supervisors_metrics_port_alone(
                 child.wait()
     logged = log_path.read_text()
     assert "/metrics" not in logged and "ERROR" not in logged, logged
+
+
+def test_an_80_column_report_shows_whole_worker_names(filled, redis_client, pg_schema_dsn) -> None:
+    conn = store.connect(pg_schema_dsn)
+    try:
+        snap = monitor.collect(filled, redis_client, conn)
+    finally:
+        conn.close()
+    text = as_text(monitor.render(snap), width=80)
+    assert "worker_001" in text and "worker_002" in text
+    assert "worker…" not in text
