@@ -107,7 +107,30 @@ def redis_url(value: Any) -> str:
     value = text(value)
     if value != "embedded" and not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError('must be "embedded" or a redis://, rediss:// or unix:// URL')
+    if value != "embedded":
+        _check_redis_url(value)
     return value
+
+
+def _check_redis_url(url: str) -> None:
+    """What redis-py would refuse only at the first connect: a bad port, an unknown option."""
+    import inspect
+
+    from redis.connection import Connection, parse_url
+
+    try:
+        options = parse_url(url)
+    except ValueError as exc:  # the URL is never echoed: it may hold a password
+        raise ValueError(f"not a valid Redis URL ({str(exc)[:SHOWN_MAX]})") from None
+    cls = options.pop("connection_class", Connection)
+    known = {
+        name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for name in inspect.signature(vars(klass)["__init__"]).parameters
+    }
+    if unknown := sorted(set(options) - known):
+        raise ValueError(f"unknown option {unknown[0][:SHOWN_MAX]!r} in the URL's query")
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*(ms|s|m|h|d)?")

@@ -204,3 +204,19 @@ def test_hostile_files_are_refused_in_one_short_line(
     message = str(refused.value)
     assert expected in message
     assert "\n" not in message and len(message) < 300, message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0?x=1", "unknown option 'x'"),
+        ("redis://h:6379/0?ssl_ca_certs=/ca.pem", "unknown option 'ssl_ca_certs'"),
+        ("redis://:Secr3t@h:99999/0", "not a valid Redis URL (Port out of range"),
+    ],
+)
+def test_a_redis_url_redis_py_would_refuse_at_connect_is_refused_at_load(
+    url: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config.from_mapping({}, {"REDIS_URL": url})
+    assert expected in str(refused.value) and "Secr3t" not in str(refused.value)
