@@ -37,12 +37,13 @@ class Role:
         self.outage = Outage(self.title)
 
     def initialize(self) -> None:
-        """Post-fork setup: TERM/INT stop after the turn in hand, QUIT at once, HUP is ignored."""
+        """Post-fork setup: TERM/INT (and HUP when run by hand) stop after the turn, QUIT at once."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGQUIT, lambda *_: os._exit(self.interrupted_status))
-        # The supervisor restarts a child whose settings changed; HUP means nothing here.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Under the supervisor, HUP means nothing here (it restarts a child whose settings
+        # changed). Run by hand, HUP is the terminal going away: stop as for TERM, not linger.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if self.parent_pid else self._on_stop)
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:

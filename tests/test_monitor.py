@@ -758,3 +758,26 @@ def test_an_80_column_report_shows_whole_worker_names(filled, redis_client, pg_s
     text = as_text(monitor.render(snap), width=80)
     assert "worker_001" in text and "worker_002" in text
     assert "worker…" not in text
+
+
+def test_a_live_monitor_run_by_hand_stops_when_its_terminal_hangs_up(
+    names, redis_url, pg_schema_dsn, tmp_path
+) -> None:
+    path = write_config(tmp_path, redis_url, pg_schema_dsn, names)
+    log_path = tmp_path / "monitor.log"
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(
+            [*MONITOR, "-c", str(path), "continuous", "0.5"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=server_free_environ(),
+        )
+    try:
+        wait_for(lambda: "len=" in log_path.read_text())
+        child.send_signal(signal.SIGHUP)
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
