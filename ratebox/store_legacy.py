@@ -450,10 +450,15 @@ def write_legacy_batch(
         return _write_legacy(conn, consumer, rows, legacy, no_row)
     except store.OUTAGE_ERRORS:
         raise
-    except psycopg2.Error as exc:
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        # The role's fault, not the rows': as on the ordinary path, never recorded as 903.
+        raise store._permission(conn, exc) from None
+    except (psycopg2.Error, UnicodeError) as exc:
         conn.rollback()
         if len(rows) == 1:
-            reason = (exc.pgerror or str(exc)).strip().splitlines()[0][:200]
+            # The first line only (DETAIL and CONTEXT quote row data); the ordinary path
+            # then stores it, or its bare row of last resort.
+            reason = (getattr(exc, "pgerror", None) or str(exc)).strip().splitlines()[0][:200]
             return store.write_batch(conn, consumer, [verdict.rejected(rows[0], reason)])
         middle = len(rows) // 2
         return write_legacy_batch(
