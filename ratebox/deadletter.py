@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import redis
 
-from ratebox import inert, mask, stream
+from ratebox import inert, mask, stream, stream_dead
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def replay(
     moved: list[tuple[str, str]] = []
     missing: list[str] = []
     for entry_id in all_ids(client, dead) if ids is None else ids:
-        new_id = stream.replay_entry(client, dead, target, entry_id, ADDED_FIELDS)
+        new_id = stream_dead.replay_entry(client, dead, target, entry_id, ADDED_FIELDS)
         if new_id is None:
             missing.append(entry_id)
         else:
@@ -142,9 +142,9 @@ def replay(
 def purge(client: redis.Redis, dead: str, ids: Sequence[str] | None = None) -> int:
     """Drop entries (``None``: the whole dead-letter stream); returns how many were dropped."""
     dropped = (
-        stream.drop_stream(client, dead)
+        stream_dead.drop_stream(client, dead)
         if ids is None
-        else stream.delete_entries(client, dead, ids)
+        else stream_dead.delete_entries(client, dead, ids)
     )
     log.warning("purged %d dead-lettered entries from %s", dropped, dead)
     return dropped

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from ratebox import legacy, route, store, store_legacy, stream, verdict
+from ratebox import legacy, route, store, store_legacy, stream, stream_dead, verdict
 from ratebox.config import Settings
 from ratebox.errors import ServerUnavailable
 from ratebox.rules import Engine
@@ -78,6 +78,10 @@ class Pipeline:
                 # idle is a worker frozen or cut off mid-commit, whose row locks (the unique
                 # key, the shared per-minute error counters) would stall every other worker.
                 idle_in_transaction_s=IDLE_IN_TRANSACTION_S,
+                # A database that is locked or slow is an outage too: the statement is
+                # cancelled well inside workers.timeout_s, and the wait that follows beats,
+                # so the supervisor never takes a worker blocked in PostgreSQL for a dead one.
+                statement_timeout_s=self.settings.workers.timeout_s / 8,
             )
             store.register_consumer(conn, self._ident())
             self._pg = conn
@@ -134,7 +138,7 @@ class Pipeline:
             "consumer": self.consumer,
             "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
         }
-        moved = stream.move_to_dead_letter(
+        moved = stream_dead.move_to_dead_letter(
             self.redis,
             self.stream,
             self.group,

@@ -49,12 +49,17 @@ class MigrationError(RateboxError):
 
 
 def connect(
-    dsn: str, application_name: str = "ratebox", idle_in_transaction_s: float | None = None
+    dsn: str,
+    application_name: str = "ratebox",
+    idle_in_transaction_s: float | None = None,
+    statement_timeout_s: float | None = None,
 ) -> Connection:
     """Open a connection (not autocommit); ServerUnavailable names the masked DSN on failure.
 
     ``idle_in_transaction_s``: the server ends this session's transaction when it idles
     that long (a client frozen or cut off mid-commit must not hold its locks for ever).
+    ``statement_timeout_s``: a statement (or a wait for a lock) running that long is
+    cancelled, an OperationalError that callers wait out like an outage.
     """
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
@@ -63,9 +68,15 @@ def connect(
         raise ConfigError("postgres.dsn: not a valid libpq DSN or postgresql:// URL") from None
     params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
     params["application_name"] = application_name
+    limits = []
     if idle_in_transaction_s is not None:
-        limit = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_s * 1000)}"
-        params["options"] = f"{params.get('options', '')} {limit}".strip()
+        limits.append(f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_s * 1000)}")
+    if statement_timeout_s is not None:
+        ms = max(2, int(statement_timeout_s * 1000))
+        # The lock wait ends first, so that the log says a lock was the cause.
+        limits += [f"-c statement_timeout={ms}", f"-c lock_timeout={ms * 4 // 5}"]
+    if limits:
+        params["options"] = " ".join([params.get("options", ""), *limits]).strip()
     try:
         return psycopg2.connect(**params)
     except psycopg2.Error as exc:

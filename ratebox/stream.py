@@ -1,4 +1,7 @@
-"""The only module that speaks Redis: connect, read as a consumer, ack, claim, dead-letter, trim."""
+"""Speaks Redis for the workers and sweeper: connect, read as a consumer, ack, claim, trim, lease.
+
+The dead-letter stream's steps are in stream_dead, lag in stream_lag, cluster routing in
+stream_cluster."""
 
 from __future__ import annotations
 
@@ -126,20 +129,41 @@ def read(
     return _entries(reply)
 
 
-def delivery_counts(
-    client: redis.Redis,
-    stream: str,
-    group: str,
-    first: str,
-    last: str,
-    count: int,
-    consumer: str | None = None,
-) -> dict[str, int]:
-    """Times delivered for pending entries between two IDs (XPENDING extended form)."""
-    rows = client.xpending_range(
-        stream, group, min=first, max=last, count=count, consumername=consumer
-    )
-    return {_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
+# This consumer's pending entries after an ID with their delivery counts, read without
+# counting a delivery: XREADGROUP from an ID would count one for every entry of the page, and
+# a page re-read after each crash would walk innocent entries to the dead-letter stream.
+_OWN_PENDING = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], '+', ARGV[4], ARGV[2])
+local out = {}
+for i, row in ipairs(rows) do
+  local found = redis.call('XRANGE', KEYS[1], row[1], row[1])
+  out[i] = {row[1], row[4], found[1] and found[1][2] or {}}
+end
+return out
+"""
+
+
+def own_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, after: str, count: int
+) -> list[tuple[Entry, int]]:
+    """This consumer's pending entries after ``after`` ("0": from the start), each with its
+    delivery count; a trimmed or deleted entry comes with no fields. Counts no delivery."""
+    start = "-" if after == "0" else f"({after}"
+    reply: Any = client.eval(_OWN_PENDING, 1, stream, group, consumer, start, int(count))
+    out: list[tuple[Entry, int]] = []
+    for entry_id, delivered, flat in reply or []:
+        pairs = iter(flat)
+        out.append(((_id(entry_id), dict(zip(pairs, pairs, strict=False))), int(delivered)))
+    return out
+
+
+def count_delivery(
+    client: redis.Redis, stream: str, group: str, consumer: str, entry_id: str
+) -> bool:
+    """Count one more delivery of an entry this consumer holds (it is about to be tried
+    alone); False when the entry is no longer in the stream."""
+    reply: Any = client.xclaim(stream, group, consumer, 0, [entry_id])
+    return bool(reply and reply[0] and reply[0][0] is not None and reply[0][1])
 
 
 def pending_idle(
@@ -318,33 +342,6 @@ def _ids(reply: list[Any]) -> list[str]:
     return list(map(bytes.decode, reply)) if reply and isinstance(reply[0], bytes) else reply
 
 
-# XACK and XADD in one atomic step, and the copy only when this call removed the entry from
-# the pending list: two processes dead-lettering the same entry leave exactly one copy.
-_MOVE = """
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if acked == 1 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-end
-return acked
-"""
-
-
-def move_to_dead_letter(
-    client: redis.Redis,
-    stream: str,
-    group: str,
-    target: str,
-    entry_id: str,
-    fields: Mapping[Any, Any],
-    extra: Mapping[str, str],
-) -> bool:
-    """Ack an entry and copy it (fields plus ``extra``) to ``target``, atomically and at most once."""
-    flat: list[Any] = []
-    for key, value in {**dict(fields), **{k.encode(): v for k, v in extra.items()}}.items():
-        flat.extend((key, value))
-    return bool(client.eval(_MOVE, 2, stream, target, group, entry_id, *flat))
-
-
 def stream_info(client: redis.Redis, stream: str) -> dict[str, Any] | None:
     """XINFO STREAM, or None when the stream does not exist."""
     try:
@@ -479,33 +476,6 @@ end
 return 0
 """
 
-# Deleting the dead-letter entry and adding its copy in one step: a replay happens at most
-# once even when two operators replay the same entry at the same time.
-_REPLAY = """
-local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-if #found == 0 then return false end
-local drop = {}
-for i = 2, #ARGV do drop[ARGV[i]] = true end
-local fields = {}
-local stored = found[1][2]
-for i = 1, #stored, 2 do
-  if not drop[stored[i]] then
-    fields[#fields + 1] = stored[i]
-    fields[#fields + 1] = stored[i + 1]
-  end
-end
-if #fields == 0 then return false end
-redis.call('XDEL', KEYS[1], ARGV[1])
-return redis.call('XADD', KEYS[2], '*', unpack(fields))
-"""
-
-# Counts and drops the whole stream in one step, so the count is what was dropped.
-_PURGE = """
-local n = redis.call('XLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
-"""
-
 
 def claim_one(
     client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, entry_id: str
@@ -546,24 +516,6 @@ def entries_between(
     """XRANGE from ``start`` to ``end`` (``(`` before an ID excludes it), at most ``count``."""
     reply: Any = client.xrange(stream, start, end, count=count)
     return [(_id(entry_id), fields or {}) for entry_id, fields in reply or []]
-
-
-def replay_entry(
-    client: redis.Redis, dead: str, target: str, entry_id: str, drop: Sequence[str]
-) -> str | None:
-    """Move a dead-letter entry back onto ``target`` minus ``drop`` fields; its new ID or None."""
-    new_id = client.eval(_REPLAY, 2, dead, target, entry_id, *drop)
-    return _id(new_id) if new_id else None
-
-
-def delete_entries(client: redis.Redis, stream: str, ids: Sequence[str]) -> int:
-    """XDEL the given IDs; returns how many existed."""
-    return int(client.xdel(stream, *ids)) if ids else 0
-
-
-def drop_stream(client: redis.Redis, stream: str) -> int:
-    """Delete the whole stream; returns how many entries it held."""
-    return int(client.eval(_PURGE, 1, stream))
 
 
 # -- end of sweeper, dead letters and replay ----------------------------------------------------

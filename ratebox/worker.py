@@ -44,12 +44,17 @@ class Batch:
     """Entries in hand: kept across an outage until committed and acknowledged."""
 
     entries: list[Entry]
+    #: Delivery counts for the rows of redelivered entries (absent: a first delivery).
     deliveries: dict[str, int] = field(default_factory=dict)
     #: Index into Worker.partitions of the partition the entries came from.
     partition: int = 0
-    #: Redelivered entries are processed in growing chunks from one, so a poison pill at the
-    #: head of the list takes down only itself.
+    #: This name's own pending entries, left by a process that died or stopped holding them:
+    #: processed in growing chunks from one, so a poison pill takes down only itself, and
+    #: only an entry tried alone has a delivery counted against it.
     suspect: bool = False
+    #: Redis's delivery count of each suspect entry, and those counted by this process.
+    counts: dict[str, int] = field(default_factory=dict)
+    counted: set[str] = field(default_factory=set)
 
 
 class Worker(Role):
@@ -142,13 +147,14 @@ class Worker(Role):
         batch = self.batch
         self.pipeline.use(self.partitions[batch.partition])
         if batch.suspect:
-            # Growing chunks (1, 2, 4, ...): a poison pill at the head is tried alone, and a
-            # page of innocent redeliveries still commits in a handful of transactions.
+            # Growing chunks (1, 2, 4, ...): the head is tried alone, and a page of innocent
+            # redeliveries still commits in a handful of transactions.
             size = 1
             while batch.entries:
-                self.pipeline.process(batch.entries[:size], batch.deliveries)
-                self.processed += len(batch.entries[:size])
-                del batch.entries[:size]
+                chunk = batch.entries[:size] if size > 1 or self._try_alone(batch) else []
+                self.pipeline.process(chunk, batch.deliveries)
+                self.processed += len(chunk)
+                del batch.entries[: max(size, 1)]
                 size *= 2
                 self.beat()
             handled = 0
@@ -177,12 +183,12 @@ class Worker(Role):
                 continue
             self.pipeline.use(self.partitions[i])
             name = self.partitions[i][0]
-            entries = stream.read(
-                redis_, name, s.stream.group, self.name, s.workers.batch_size, cursor
+            found = stream.own_pending(
+                redis_, name, s.stream.group, self.name, cursor, s.workers.batch_size
             )
-            if entries:
-                batch = self._own_pending(entries, head=cursor == "0", partition=i)
-                self.cursors[i] = entries[-1][0]  # only once the whole page is dealt with
+            if found:
+                batch = self._own_pending(found, partition=i)
+                self.cursors[i] = found[-1][0][0]  # only once the whole page is dealt with
                 return batch
             self.cursors[i] = None
         return self._read_new()
@@ -221,33 +227,39 @@ class Worker(Role):
         )
         return Batch(entries, partition=i)
 
-    def _own_pending(self, entries: list[Entry], head: bool, partition: int = 0) -> Batch:
-        """Entries this name held when it last stopped: drop the gone, dead-letter the hopeless.
-
-        Only the head of the pending list can be hopeless: it is the one tried alone first
-        after every restart, so its delivery count counts its own failures. Entries behind it
-        were merely waiting when the process died, and their counts prove nothing.
-        """
-        s = self.settings
-        counts = stream.delivery_counts(
-            self.pipeline.redis,
-            self.partitions[partition][0],
-            s.stream.group,
-            entries[0][0],
-            entries[-1][0],
-            len(entries),
-            self.name,
-        )
-        gone = [entry_id for entry_id, fields in entries if not fields]
+    def _own_pending(self, found: list[tuple[Entry, int]], partition: int = 0) -> Batch:
+        """Entries this name held when it last stopped: the gone are acknowledged, the rest
+        are suspects (see Batch); reading them counted no delivery."""
+        gone = [entry_id for (entry_id, fields), _ in found if not fields]
         self.pipeline.forget(gone)
-        keep = [entry for entry in entries if entry[1]]
-        if head and keep and counts.get(keep[0][0], 1) > s.workers.max_retries:
-            first = keep.pop(0)
+        keep = [entry for entry, _ in found if entry[1]]
+        counts = {entry[0]: count for entry, count in found}
+        # Each is at least a second delivery, whatever Redis counted: its row may exist.
+        deliveries = {entry_id: max(2, count) for entry_id, count in counts.items()}
+        return Batch(keep, deliveries, partition, suspect=True, counts=counts)
+
+    def _try_alone(self, batch: Batch) -> bool:
+        """Count a delivery of the head, about to be tried alone, and dead-letter it instead
+        once it has had max_retries; True when it is to be processed."""
+        entry_id = batch.entries[0][0]
+        name = self.partitions[batch.partition][0]
+        if entry_id not in batch.counted:
+            # Once per process: a retry of the same head after an outage is not its fault.
+            if not stream.count_delivery(
+                self.pipeline.redis, name, self.settings.stream.group, self.name, entry_id
+            ):
+                self.pipeline.forget([entry_id])
+                return False
+            batch.counted.add(entry_id)
+            batch.counts[entry_id] = batch.counts.get(entry_id, 1) + 1
+            batch.deliveries[entry_id] = batch.counts[entry_id]
+        deliveries = batch.counts[entry_id]
+        if deliveries > self.settings.workers.max_retries:
             self.pipeline.dead_letter(
-                first, counts[first[0]], "processing failed on every delivery"
+                batch.entries[0], deliveries, f"processing failed on {deliveries - 1} deliveries"
             )
-        suspect = any(counts.get(e[0], 1) > 1 for e in keep)
-        return Batch(keep, counts, suspect=suspect, partition=partition)
+            return False
+        return True
 
 
 def run(

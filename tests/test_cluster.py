@@ -21,7 +21,7 @@ import redis
 import yaml
 from redis.cluster import RedisCluster
 
-from ratebox import config, producer, route, rules, stream, verdict
+from ratebox import config, producer, route, rules, stream, stream_dead, verdict
 from ratebox.route import Router
 from ratebox.sweeper import Sweeper
 from ratebox.worker import Worker
@@ -109,7 +109,9 @@ def test_the_partitions_spread_over_the_masters_and_each_step_stays_on_one_slot(
         stream.ensure_group(client, name, "g")
         [entry_id] = stream.publish(client, name, [{"data": "{}"}])
         assert stream.read(client, name, "g", "c", 10)[0][0] == entry_id
-        assert stream.move_to_dead_letter(client, name, "g", dead, entry_id, {b"data": b"{}"}, {})
+        assert stream_dead.move_to_dead_letter(
+            client, name, "g", dead, entry_id, {b"data": b"{}"}, {}
+        )
         assert stream.length(client, dead) == 1
     finally:
         for name, dead in every:
