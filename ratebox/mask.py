@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,10 @@ HIDDEN = "***"
 #: Keys whose values are phone numbers or bank accounts: all but the last 4 chars hidden.
 _NUMBER_KEYS = frozenset({"phone", "bank_account"})
 #: A key naming a secret: any word ending with one of these (db_password, access_token, ...).
-_SECRET_WORD = r"[\w-]*?(?:password|passwd|pwd|secret|token|api[_-]?key)"
+_SECRET_WORD = (
+    r"[\w-]*?(?:password|passwd|passphrase|pass|pwd|pw|pin|secret|token|api[_-]?key"
+    r"|credentials?|auth)"
+)
 _SECRET_KEY = re.compile(rf"(?i){_SECRET_WORD}")
 #: Containers nested deeper than this are replaced instead of walked (items come from JSON
 #: that orjson already limits to 1024 levels, but a masked preview has no use for depth).
@@ -28,17 +32,21 @@ _KEY_VALUE_RE = re.compile(
     re.IGNORECASE,
 )
 #: Lower-case words that must occur in a text before the costly key/value pattern is tried.
-_SECRET_HINTS = ("pass", "pwd", "secret", "token", "key")
+_SECRET_HINTS = ("pass", "pw", "pin", "secret", "token", "key", "cred", "auth")
 _SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
 _PASSWORD_KEY = re.compile(r"(?i)password\s*=\s*")
-# A domain of labels, or an address literal (`john.doe@[10.0.0.1]`).
-_EMAIL_RE = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[\w-]+(?:\.[\w-]+)+|\[[^\]\s]{1,64}\])")
+# A domain of labels (one will do: `john.doe@localhost`), or an address literal
+# (`john.doe@[10.0.0.1]`); not a URL's user name (`redis://default@host`).
+_EMAIL_RE = re.compile(
+    r"(?<![\w.%+-])(?<!://)[\w.%+-]+@(?:[\w-]+(?:\.[\w-]+)*|\[[^\]\s]{1,64}\])"
+)
 # ISO dates and times are matched first and kept, so log timestamps stay readable; they never
 # hold 8 digits in a row. The lookahead lets the engine skip quickly to the next digit.
 _DIGITS_RE = re.compile(
     r"(?=[+(\d])(?:(?P<date>(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
     r"(?:[T ][0-2]\d:[0-5]\d(?::[0-5]\d(?:[.,]\d{1,6})?)?)?)(?![\d-])"
     # Redis stream IDs (millisecond time, dash, sequence) stay readable: operators grep them.
+    # Only one whose time is plausible (see _is_stream_id): `1234567890123-45` is data.
     r"|(?P<stream_id>1\d{12}-\d{1,6})(?![\d-])"
     # A phone or an account however written: spaces, dots, dashes and brackets may join its
     # digits (`+84 (912) 345-678`, `1234.5678.9012.3456`); a comma never does, which keeps the
@@ -60,15 +68,27 @@ def mask_email(text: str) -> str:
     """First character of the local part and the domain: 'user@example.com' -> 'u***@example.com'."""
     local, at, domain = text.rpartition("@")
     if not at:
-        return mask_value(text)
+        # No domain: all of it is the local part, of which only the first character shows.
+        return f"{text[:1]}{HIDDEN}"
     # A "domain" made of a phone or card number is personal data too: its digits are masked
     # like a number's, keeping the dots (`x***@****.****.****.1111`).
     return f"{local[:1]}{HIDDEN}@{_DIGITS_RE.sub(_star_digits, domain)}"
 
 
 def mask_item(item: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of an item that is safe to show: numbers, e-mails and secrets masked."""
-    return {key: _mask_entry(key, value, 1) for key, value in item.items()}
+    """A copy of an item that is safe to show: numbers, e-mails and secrets masked, in its
+    keys as in its values."""
+    return _mask_mapping(item, 1)
+
+
+def _mask_mapping(item: Mapping[Any, Any], depth: int) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, value in item.items():
+        shown = mask_text(key, own=False) if isinstance(key, str) else key
+        while shown in out:  # two keys that mask alike both stay
+            shown = f"{shown}'"
+        out[shown] = _mask_entry(key, value, depth)
+    return out
 
 
 def mask_url(url: str) -> str:
@@ -105,8 +125,11 @@ def mask_url(url: str) -> str:
     return make_dsn(url, password=HIDDEN)
 
 
-def mask_text(text: str) -> str:
-    """Free text (a log line) with credentials, e-mails and runs of 8+ digits masked."""
+def mask_text(text: str, own: bool = True) -> str:
+    """Free text (a log line) with credentials, e-mails and runs of 8+ digits masked.
+
+    ``own``: the text is the program's own, whose stream IDs stay readable; text from a
+    message (``own=False``) keeps nothing shaped like a number."""
     # Each pass runs only when a cheap test says it can match: most log lines hold no URL, no
     # secret and no e-mail, and the digits pass (last, so it also sees what the others kept)
     # is the only one they pay for.
@@ -117,7 +140,7 @@ def mask_text(text: str) -> str:
         text = _KEY_VALUE_RE.sub(_hide_value, text)
     if "@" in text:
         text = _EMAIL_RE.sub(_hide_email, text)
-    return _DIGITS_RE.sub(_hide_digits, text)
+    return _DIGITS_RE.sub(_hide_digits if own else _hide_all_digits, text)
 
 
 def _hide_url_password(match: re.Match[str]) -> str:
@@ -152,7 +175,26 @@ def _star_digits(match: re.Match[str]) -> str:
 
 def _hide_digits(match: re.Match[str]) -> str:
     digits = match["digits"]
-    return match[0] if digits is None else mask_value(_NOT_DIGIT.sub("", digits))
+    if digits is None and not (match["stream_id"] and not _is_stream_id(match["stream_id"])):
+        return match[0]
+    return mask_value(_NOT_DIGIT.sub("", digits or match[0]))
+
+
+def _hide_all_digits(match: re.Match[str]) -> str:
+    if match["date"] is not None:
+        return match[0]
+    return mask_value(_NOT_DIGIT.sub("", match[0]))
+
+
+#: Stream IDs the program prints are milliseconds since 2020 at the earliest.
+_FIRST_ID_MS = 1_577_836_800_000
+
+
+def _is_stream_id(text: str) -> bool:
+    """An ID whose time lies between 2020 and a day from now (a 13-digit number dash a few
+    digits from outside that span is data, e.g. an account number)."""
+    ms = int(text.partition("-")[0])
+    return _FIRST_ID_MS <= ms <= time.time() * 1000 + 86_400_000
 
 
 def _mask_entry(key: Any, value: Any, depth: int) -> Any:
@@ -169,18 +211,18 @@ def _mask_entry(key: Any, value: Any, depth: int) -> Any:
 def _mask_nested(value: Any, depth: int) -> Any:
     # Other values are scrubbed like a log line: a phone number may hide in a "note" field.
     if isinstance(value, str):
-        return mask_text(value)
+        return mask_text(value, own=False)
     if isinstance(value, Mapping):
         if depth >= _MAX_DEPTH:
             return "(nested)"
-        return {k: _mask_entry(k, v, depth + 1) for k, v in value.items()}
+        return _mask_mapping(value, depth + 1)
     if isinstance(value, (list, tuple)):
         if depth >= _MAX_DEPTH:
             return "(nested)"
         return [_mask_nested(v, depth + 1) for v in value]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         text = _text(value)
-        masked = mask_text(text)
+        masked = mask_text(text, own=False)
         return value if masked == text else masked  # a long number becomes masked text
     return value
 

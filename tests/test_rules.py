@@ -77,7 +77,7 @@ EDGE_CASES = [
     (
         "email without at",
         {"email": "userexample.com"},
-        [(300, "Invalid email format: ***********.com")],
+        [(300, "Invalid email format: u***")],  # all local part: its first character,
     ),
     (
         "email with two ats",
@@ -116,7 +116,7 @@ EDGE_CASES = [
     ("email as boolean", {"email": True}, [(300, "Invalid email format: (boolean)")]),
     ("email as object", {"email": {}}, [(300, "Invalid email format: (object)")]),
     ("email as array", {"email": []}, [(300, "Invalid email format: (array)")]),
-    ("email as number", {"email": 12345}, [(300, "Invalid email format: *2345")]),
+    ("email as number", {"email": 12345}, [(300, "Invalid email format: 1***")]),
     ("name of one accented letter", {"name": "Á"}, [(400, "Name too short: 1 chars, minimum 2")]),
     (
         "name of one decomposed letter",
