@@ -168,7 +168,13 @@ def _consumers_table(snap: Snapshot, box: bool = True) -> RenderableType:
         return _unavailable(snap, "redis")
     table = _table(box, "consumer", "pending", "idle")
     for c in _our_consumers(snap):
-        table.add_row(c["name"], _num(c["pending"]), _duration(c["idle_s"]))
+        idle = _duration(c["idle_s"])
+        # Only a lower bound when Redis restarted since: "at least, unknown before".
+        table.add_row(
+            c["name"],
+            _num(c["pending"]),
+            f"≥{idle} restart" if c.get("idle_since_restart") else idle,
+        )
     return table
 
 

@@ -37,9 +37,7 @@ _SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
 _PASSWORD_KEY = re.compile(r"(?i)password\s*=\s*")
 # A domain of labels (one will do: `john.doe@localhost`), or an address literal
 # (`john.doe@[10.0.0.1]`); not a URL's user name (`redis://default@host`).
-_EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])(?<!://)[\w.%+-]+@(?:[\w-]+(?:\.[\w-]+)*|\[[^\]\s]{1,64}\])"
-)
+_EMAIL_RE = re.compile(r"(?<![\w.%+-])(?<!://)[\w.%+-]+@(?:[\w-]+(?:\.[\w-]+)*|\[[^\]\s]{1,64}\])")
 # ISO dates and times are matched first and kept, so log timestamps stay readable; they never
 # hold 8 digits in a row. The lookahead lets the engine skip quickly to the next digit.
 _DIGITS_RE = re.compile(

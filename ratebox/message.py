@@ -35,7 +35,10 @@ _REPLACEMENT = "\ufffd"
 # parsed item holds no NUL and the sanitizing walk can be skipped.
 _NUL_ESCAPE = b"\\u0000"
 # A UTF-8 character is at most 4 bytes: this many bytes always decode to enough characters.
-_RAW_KEEP_BYTES = 4 * RAW_KEEP_CHARS + 4
+RAW_KEEP_BYTES = 4 * RAW_KEEP_CHARS + 4
+#: The field that stands for an entry larger than limits.max_message_bytes, holding its size:
+#: such an entry leaves Redis as this, its metadata and the start of its data, never whole.
+TOO_LARGE_FIELD = b"ratebox:too-large"
 _JSON_KIND = {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}
 
 
@@ -91,7 +94,7 @@ def decode(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> Decoded
     data = fields.get(b"data")
     # find(), not `in`: bytes.__contains__ first tries the argument as an integer, and pays
     # for a formatted TypeError on every call.
-    if type(data) is bytes and data.find(_NUL_ESCAPE) < 0:
+    if type(data) is bytes and data.find(_NUL_ESCAPE) < 0 and TOO_LARGE_FIELD not in fields:
         try:
             size = sum(map(len, fields)) + sum(map(len, fields.values()))
             item = orjson.loads(data) if size <= max_bytes else None
@@ -135,6 +138,9 @@ def _decode_any(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> De
         size += len(key) + len(value)
         entry[key.decode("utf-8", "replace")] = value
     data = entry.get(DATA_FIELD)
+    stood_for = entry.pop(TOO_LARGE_FIELD.decode(), None)
+    if stood_for is not None and stood_for.isdigit():
+        size = int(stood_for)  # Redis sent what stands for the entry (stream.read_new)
     if size > max_bytes:
         return _refused(entry, TOO_LARGE, f"Message too large: {size} bytes, maximum {max_bytes}")
     if data is None:
@@ -255,9 +261,9 @@ def _raw_text(entry: Mapping[str, bytes]) -> str:
     # what was sent instead (a misspelt "Data", a "payload" field, ...).
     data = entry.get(DATA_FIELD)
     if data is not None:
-        text = data[:_RAW_KEEP_BYTES].decode("utf-8", "replace")
+        text = data[:RAW_KEEP_BYTES].decode("utf-8", "replace")
     else:
-        shown = {k: v[:_RAW_KEEP_BYTES].decode("utf-8", "replace") for k, v in entry.items()}
+        shown = {k: v[:RAW_KEEP_BYTES].decode("utf-8", "replace") for k, v in entry.items()}
         text = orjson.dumps(shown).decode()
     return sanitize(text[:RAW_KEEP_CHARS])
 

@@ -187,6 +187,9 @@ def _redis_figures(
         last_generated_id=_text(info.get("last-generated-id")),
         memory_bytes=stream.memory_usage(client, name),
     )
+    # A server restarted from its append-only file replays the group with each consumer
+    # "seen" at the replay: an idle that old only says the consumer did nothing since.
+    uptime = stream.uptime_s(client, name)
     groups = []
     for group in stream.groups(client, name):
         group_name = _text(group["name"]) or ""
@@ -205,6 +208,8 @@ def _redis_figures(
                         "name": _text(c["name"]),
                         "pending": int(c.get("pending", 0)),
                         "idle_s": int(c.get("idle", 0)) / 1000,
+                        "idle_since_restart": uptime is not None
+                        and int(c.get("idle", 0)) >= max(1000, (uptime - 1) * 1000),
                     }
                     for c in stream.consumers(client, name, group_name)
                 ],

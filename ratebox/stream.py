@@ -129,32 +129,102 @@ def read(
     return _entries(reply)
 
 
+# Lua: an entry's fields, or what stands for them (message.TOO_LARGE_FIELD) when larger
+# than max.
+_SHRINK = """
+local function shrink(f, max, keep)
+  local size = 0
+  for j = 1, #f do size = size + #f[j] end
+  if size <= max then return f end
+  local kept = {'ratebox:too-large', tostring(size)}
+  for j = 1, #f - 1, 2 do
+    local k = f[j]
+    if k == 'data' then
+      kept[#kept + 1] = k
+      kept[#kept + 1] = string.sub(f[j + 1], 1, keep)
+    elseif (k == 'source' or k == 'producer' or k == 'batch_id' or k == 'timestamp')
+        and #f[j + 1] <= 256 then
+      kept[#kept + 1] = k
+      kept[#kept + 1] = f[j + 1]
+    end
+  end
+  return kept
+end
+"""
+
+# New entries for this consumer, without blocking, each shrunk: a batch takes at most
+# count x max bytes of the worker's memory, whatever producers send.
+_READ_NEW = (
+    _SHRINK
+    + """
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                         'STREAMS', KEYS[1], '>')
+if not reply then return {} end
+local entries = reply[1][2]
+local max, keep = tonumber(ARGV[4]), tonumber(ARGV[5])
+for _, e in ipairs(entries) do e[2] = shrink(e[2], max, keep) end
+return entries
+"""
+)
+
 # This consumer's pending entries after an ID with their delivery counts, read without
 # counting a delivery: XREADGROUP from an ID would count one for every entry of the page, and
 # a page re-read after each crash would walk innocent entries to the dead-letter stream.
-_OWN_PENDING = """
+_OWN_PENDING = (
+    _SHRINK
+    + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], '+', ARGV[4], ARGV[2])
+local max, keep = tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {}
 for i, row in ipairs(rows) do
   local found = redis.call('XRANGE', KEYS[1], row[1], row[1])
-  out[i] = {row[1], row[4], found[1] and found[1][2] or {}}
+  out[i] = {row[1], row[4], found[1] and shrink(found[1][2], max, keep) or {}}
 end
 return out
 """
+)
+
+
+def read_new(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    count: int,
+    max_bytes: int,
+    keep_bytes: int,
+) -> list[Entry]:
+    """Up to ``count`` new entries, without blocking; one larger than ``max_bytes`` comes as
+    message.TOO_LARGE_FIELD (its size), its metadata and the first ``keep_bytes`` of its data."""
+    reply: Any = client.eval(
+        _READ_NEW, 1, stream, group, consumer, int(count), max_bytes, keep_bytes
+    )
+    return [(_id(entry_id), _pairs(flat)) for entry_id, flat in reply or []]
+
+
+def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
+    pairs = iter(flat)
+    return dict(zip(pairs, pairs, strict=False))  # one iterator: pairs
 
 
 def own_pending(
-    client: redis.Redis, stream: str, group: str, consumer: str, after: str, count: int
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    after: str,
+    count: int,
+    max_bytes: int,
+    keep_bytes: int,
 ) -> list[tuple[Entry, int]]:
     """This consumer's pending entries after ``after`` ("0": from the start), each with its
-    delivery count; a trimmed or deleted entry comes with no fields. Counts no delivery."""
+    delivery count, shrunk as by read_new; a trimmed or deleted entry comes with no fields.
+    Counts no delivery."""
     start = "-" if after == "0" else f"({after}"
-    reply: Any = client.eval(_OWN_PENDING, 1, stream, group, consumer, start, int(count))
-    out: list[tuple[Entry, int]] = []
-    for entry_id, delivered, flat in reply or []:
-        pairs = iter(flat)
-        out.append(((_id(entry_id), dict(zip(pairs, pairs, strict=False))), int(delivered)))
-    return out
+    reply: Any = client.eval(
+        _OWN_PENDING, 1, stream, group, consumer, start, int(count), max_bytes, keep_bytes
+    )
+    return [((_id(i), _pairs(flat)), int(delivered)) for i, delivered, flat in reply or []]
 
 
 def count_delivery(
@@ -340,6 +410,16 @@ def _add_many_args(columns: Mapping[str, Sequence[Any]]) -> list[Any]:
 
 def _ids(reply: list[Any]) -> list[str]:
     return list(map(bytes.decode, reply)) if reply and isinstance(reply[0], bytes) else reply
+
+
+def uptime_s(client: redis.Redis, stream: str) -> int | None:
+    """Seconds since the server holding ``stream`` started (None if it does not say)."""
+    try:
+        info: Any = stream_cluster.node_for(client, stream).info("server")
+    except redis.ResponseError:  # INFO refused (an ACL without it): the idle stays unqualified
+        return None
+    value = info.get("uptime_in_seconds") if isinstance(info, dict) else None
+    return int(value) if value is not None else None
 
 
 def stream_info(client: redis.Redis, stream: str) -> dict[str, Any] | None:

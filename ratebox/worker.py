@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ratebox import route, stream
+from ratebox import message, route, stream
 from ratebox.config import Settings
 from ratebox.pipeline import OUTAGE_ERRORS, Pipeline
 from ratebox.role import Role
@@ -84,6 +84,8 @@ class Worker(Role):
         #: The partition the next read for new entries starts with (round robin).
         self.turn = 0
         self.batch: Batch | None = None
+        #: What read_new and own_pending let through whole, and what they keep of the rest.
+        self.bounds = (settings.limits.max_message_bytes, message.RAW_KEEP_BYTES)
         self.group_ready = False
         self.processed = 0
 
@@ -184,7 +186,7 @@ class Worker(Role):
             self.pipeline.use(self.partitions[i])
             name = self.partitions[i][0]
             found = stream.own_pending(
-                redis_, name, s.stream.group, self.name, cursor, s.workers.batch_size
+                redis_, name, s.stream.group, self.name, cursor, s.workers.batch_size, *self.bounds
             )
             if found:
                 batch = self._own_pending(found, partition=i)
@@ -194,37 +196,28 @@ class Worker(Role):
         return self._read_new()
 
     def _read_new(self) -> Batch:
-        """New entries: with one partition a blocking read; with several, each without blocking
-        in turn, and only when all are empty one short block on the next, so no partition with
-        entries waits behind an empty one."""
+        """New entries: each partition in turn without blocking, and only when all are empty a
+        block on the next (short with several), so no partition with entries waits behind an
+        empty one. The reads that fill a batch go through a script that shrinks an entry
+        over limits.max_message_bytes to what stands for it: only the block's one entry
+        leaves Redis whole, so a batch holds at most that entry and batch_size x the limit."""
         s = self.settings
-        count = len(self.partitions)
-        if count > 1:
-            for step in range(count):
-                i = (self.turn + step) % count
-                entries = stream.read(
-                    self.pipeline.redis,
-                    self.partitions[i][0],
-                    s.stream.group,
-                    self.name,
-                    s.workers.batch_size,
-                    ">",
-                )
-                if entries:
-                    self.turn = (i + 1) % count
-                    return Batch(entries, partition=i)
+        count, size = len(self.partitions), s.workers.batch_size
+        redis_, group = self.pipeline.redis, s.stream.group
+        for step in range(count):
+            i = (self.turn + step) % count
+            name = self.partitions[i][0]
+            entries = stream.read_new(redis_, name, group, self.name, size, *self.bounds)
+            if entries:
+                self.turn = (i + 1) % count
+                return Batch(entries, partition=i)
         i = self.turn
         self.turn = (i + 1) % count
+        name = self.partitions[i][0]
         block = s.workers.block_ms if count == 1 else min(s.workers.block_ms, SHORT_BLOCK_MS)
-        entries = stream.read(
-            self.pipeline.redis,
-            self.partitions[i][0],
-            s.stream.group,
-            self.name,
-            s.workers.batch_size,
-            ">",
-            block,
-        )
+        entries = stream.read(redis_, name, group, self.name, 1, ">", block)
+        if entries and size > 1:
+            entries += stream.read_new(redis_, name, group, self.name, size - 1, *self.bounds)
         return Batch(entries, partition=i)
 
     def _own_pending(self, found: list[tuple[Entry, int]], partition: int = 0) -> Batch:

@@ -25,6 +25,7 @@ from ratebox.worker import Worker
 from tests.conftest import Names
 from tests.test_supervisor import Running, pending, row_count, titles, wait_for
 from tests.test_sweeper import HANGING_NAME, VALID, _HangingEngine, make_settings, publish, rows
+from tests.test_worker import start_worker
 
 
 def _work_until_hung(settings: Settings, redis_url: str, dsn: str) -> None:
@@ -208,3 +209,42 @@ def test_an_entry_of_thousands_of_fields_is_dead_lettered_and_replayed_whole(
     ((_, replayed),) = redis_client.xrange(names.stream, new_id, new_id)
     assert replayed == fields
     assert not redis_client.keys(f"{names.dead_letter}:lock:*")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_batch_of_huge_entries_takes_a_bounded_share_of_a_workers_memory(
+    make_config, redis_client: redis.Redis, names: Names
+) -> None:
+    settings, path = make_config(workers={"batch_size": 20, "block_ms": 200})
+    producer.produce(redis_client, names.stream, 10)
+    proc = start_worker(path)
+    try:
+        dsn = settings.postgres.dsn
+        wait_for("the first rows", lambda: row_count(dsn) == 10, 60)
+        before = _peak_rss_mb(proc.pid)
+        huge = b'{"name": "' + b"x" * (8 << 20) + b'"}'
+        with redis_client.pipeline(transaction=True) as tx:  # all there for one batch
+            for _ in range(20):
+                tx.xadd(names.stream, {"data": huge, "source": "huge"})
+            tx.execute()
+        wait_for("the huge rows", lambda: row_count(dsn) == 30, 120)
+        grown = _peak_rss_mb(proc.pid) - before
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # 160 MB were sent in one batch; at most one entry left Redis whole.
+    assert grown < 60, f"the worker grew by {grown:.0f} MB"
+    with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT error_code, source, length(data::text) FROM raw_items WHERE source = 'huge'"
+        )
+        found = cur.fetchall()
+    assert len(found) == 20
+    assert {code for code, _, _ in found} == {902}
+    assert all(length < 10_000 for _, _, length in found)

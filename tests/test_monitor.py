@@ -30,7 +30,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from ratebox import config, dashboard, monitor, producer, store, stream, stream_lag
+from ratebox import config, dashboard, embedded, monitor, producer, store, stream, stream_lag
 from ratebox.config import Settings
 from ratebox.metrics import registry_for
 from ratebox.rate import RateWindow
@@ -781,3 +781,34 @@ def test_a_live_monitor_run_by_hand_stops_when_its_terminal_hangs_up(
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_an_idle_replayed_by_a_redis_restart_is_shown_as_a_lower_bound(
+    names, pg_schema_dsn, tmp_path_factory
+) -> None:
+    var = tmp_path_factory.mktemp("restarted_redis")
+    url = embedded.ensure_redis(var)  # with its append-only file, as the embedded one runs
+    try:
+        client = redis.Redis.from_url(url)
+        client.xgroup_create(names.stream, names.group, id="0", mkstream=True)
+        client.xadd(names.stream, {"data": "{}"})
+        client.xreadgroup(names.group, "worker_001", {names.stream: ">"})
+        time.sleep(3)
+        embedded.stop_redis(var)
+        url = embedded.ensure_redis(var)
+        client = redis.Redis.from_url(url)
+        time.sleep(2)  # the server's uptime is told in whole seconds
+        client.xreadgroup(names.group, "worker_002", {names.stream: ">"})  # active after it
+        settings = make_settings(names, redis={"url": url}, postgres={"dsn": pg_schema_dsn})
+        conn = store.connect(pg_schema_dsn)
+        try:
+            snap = monitor.collect(settings, client, conn)
+        finally:
+            conn.close()
+        (group,) = snap["groups"]
+        seen = {c["name"]: c["idle_since_restart"] for c in group["consumer_list"]}
+        assert seen == {"worker_001": True, "worker_002": False}
+        text = as_text(monitor.render(snap), width=120)
+        assert re.search(r"worker_001\s+│?\s*1\s+│?\s*≥\d+(\.\d)?s restart", text), text
+    finally:
+        embedded.stop_redis(var)
