@@ -86,11 +86,14 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _log_tail(path: Path, lines: int = 5) -> str:
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The lines of a server's log that say why it stopped (else its last lines)."""
     try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    telling = [ln for ln in text if any(w in ln for w in ("FATAL", "Abort", "rror"))]
+    return " | ".join((telling or text)[-lines:])[:1000]
 
 
 def _server_env() -> dict[str, str]:
