@@ -74,11 +74,30 @@ def make_certificates(where: Path) -> Path:
     return where / "ca.pem"
 
 
+#: Ports of these servers: below the kernel's ephemeral range (32768-60999), so that no
+#: client's outgoing connection takes the port of a server stopped for an outage meanwhile;
+#: above the Redis Cluster's (tests/cluster.py).
+PORTS = range(24000, 26000)
+#: Ports handed out by this process: a server may be given its port well before it binds it.
+_HANDED: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now (the kernel's choice: outside the cluster's range)."""
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port of PORTS that nothing listens on now and that this process has not handed out
+    yet, looked for from a place that depends on our pid."""
+    first = PORTS.start + (os.getpid() * 13) % len(PORTS)
+    for port in [*range(first, PORTS.stop), *range(PORTS.start, first)]:
+        if port in _HANDED:
+            continue
+        with closing(socket.socket()) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if not _listening(port):
+            _HANDED.add(port)
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def _listening(port: int) -> bool:
