@@ -65,7 +65,7 @@ class Stack:
         return int(self.sql("SELECT sum(processed) FROM ratebox.stream_consumer_stats")[0][0] or 0)
 
     def insert_legacy(self, count: int) -> None:
-        """What a legacy producer does: INSERT pending rows (as the schema's owner)."""
+        """What a legacy producer does: INSERT pending rows (here as the superuser)."""
         ids = self.sql(
             "INSERT INTO ratebox.raw_items (data) SELECT %s::jsonb FROM generate_series(1, %s)"
             " RETURNING id",
