@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import redis
 import yaml
 from psycopg2.extensions import make_dsn
 from test_supervisor import Running, pending, row_count, titles, wait_for
+from tls_servers import TlsRedis, make_certificates
 
 from ratebox import migrate, privileges, producer
 
@@ -55,6 +57,18 @@ def acl_rules(stream_name: str, dead_letter: str, password: str) -> list[str]:
     rules = line.split()[2:]
     swap = {"~raw_items": f"~{stream_name}", "~raw_items:dead": f"~{dead_letter}"}
     return [">" + password if r.startswith("#") else swap.get(r, r) for r in rules]
+
+
+def write_aclfile(path: Path, password: str, admin_password: str | None = None) -> Path:
+    """deploy/redis.acl as shipped, its hash that of password; with admin_password, a line
+    for the default user too (all keys and commands)."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    text = re.sub(r"#0{64}", "#" + digest, (DEPLOY / "redis.acl").read_text())
+    if admin_password is not None:
+        admin = hashlib.sha256(admin_password.encode()).hexdigest()
+        text += f"user default on #{admin} ~* &* +@all\n"
+    path.write_text(text)
+    return path
 
 
 @pytest.fixture
@@ -194,3 +208,25 @@ def test_refusals_name_the_grant_or_the_acl_and_other_errors_pass() -> None:
         "permission denied for schema s"
     )
     assert privileges.refused(ValueError("x")) is None
+
+
+def test_the_shipped_acl_file_loads_into_redis_server_as_an_aclfile(tmp_path: Path) -> None:
+    password = uuid.uuid4().hex
+    server = TlsRedis(
+        tmp_path / "redis",
+        make_certificates(tmp_path / "certs"),
+        aclfile=write_aclfile(tmp_path / "users.acl", password),
+    )
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url("ratebox", password))
+        try:
+            assert client.ping() and client.xadd("raw_items", {"data": "{}"})
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.get("other")
+        finally:
+            client.close()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(server.url("ratebox", "wrong")).ping()
+    finally:
+        server.stop()
