@@ -34,6 +34,10 @@ CLUSTER_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     ClusterError,
     ReadOnlyError,
     SlotNotCoveredError,
+    # Raised by the client when no node it knows answers any more (a host cut off from the
+    # cluster): "Redis Cluster cannot be connected". Its other uses are mistakes in the
+    # commands sent (keys of several slots), which RateBox's one-slot steps never make.
+    RedisClusterException,
 )
 
 

@@ -63,13 +63,17 @@ class Node:
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: The address the node listens on and announces (loopback unless hosts must reach it).
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis(
+            host=self.host, port=self.port, socket_timeout=5, socket_connect_timeout=2
+        )
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Cluster:
     binary: str
     base: Path
     nodes: list[Node] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
@@ -97,7 +102,9 @@ class Cluster:
                 "--port",
                 str(node.port),
                 "--bind",
-                "127.0.0.1",
+                node.host,
+                "--cluster-announce-ip",
+                node.host,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -187,8 +194,9 @@ def _wait(predicate, limit_s: float, message: str) -> None:  # type: ignore[no-u
     raise RuntimeError(message)
 
 
-def start_cluster(base: Path) -> Cluster:
-    """Six nodes on free loopback ports, joined as three masters with a replica each."""
+def start_cluster(base: Path, host: str = "127.0.0.1") -> Cluster:
+    """Six nodes on free ports of ``host`` (loopback by default), joined as three masters
+    with a replica each."""
     binary = find_server()
     if binary is None:
         raise RuntimeError(
@@ -196,10 +204,10 @@ def start_cluster(base: Path) -> Cluster:
             "or set REDIS_SERVER_BIN"
         )
     cli = shutil.which("redis-cli") or str(Path(binary).with_name("redis-cli"))
-    cluster = Cluster(binary, base)
+    cluster = Cluster(binary, base, host=host)
     try:
         for port in free_ports(6):
-            node = Node(port, base / str(port))
+            node = Node(port, base / str(port), host=host)
             cluster.nodes.append(node)
             cluster.start_node(node)
         if os.path.exists(cli):
@@ -208,7 +216,7 @@ def start_cluster(base: Path) -> Cluster:
                     cli,
                     "--cluster",
                     "create",
-                    *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
+                    *(f"{host}:{n.port}" for n in cluster.nodes),
                     "--cluster-replicas",
                     "1",
                     "--cluster-yes",
@@ -243,7 +251,7 @@ def _create_by_hand(cluster: Cluster) -> None:
     """Without redis-cli: MEET, ADDSLOTSRANGE on three masters, REPLICATE on the others."""
     first = cluster.nodes[0].client()
     for node in cluster.nodes[1:]:
-        first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        first.execute_command("CLUSTER", "MEET", cluster.host, node.port)
     thirds = [(0, 5460), (5461, 10922), (10923, 16383)]
     for node, (lo, hi) in zip(cluster.nodes[:3], thirds, strict=True):
         node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
