@@ -37,6 +37,8 @@ from ratebox.verdict import Row
 
 #: Seconds between two tries of the migration lock.
 LOCK_POLL_S = 0.2
+#: How often (ms) the server checks, while a statement runs, that ratebox-migrate is there.
+CLIENT_CHECK_MS = 1000
 
 
 @contextlib.contextmanager
@@ -46,10 +48,19 @@ def migration_lock(conn: Any) -> Iterator[None]:
     Taken with pg_try_advisory_lock in a loop, not pg_advisory_lock: a session blocked in
     a statement holds a snapshot, and CREATE INDEX CONCURRENTLY in the session that has the
     lock would wait for that snapshot while it waits for the lock -- a deadlock.
+
+    The session also ends soon after its client dies (PostgreSQL 14 and later). A backend
+    otherwise notices a dead client only when it next talks to it: a ratebox-migrate killed
+    while CREATE INDEX CONCURRENTLY waits for an old transaction would leave its session
+    waiting, holding this lock (the next run would wait on a dead one), and finishing the
+    build whenever that transaction ends. With the check the session ends within a second or
+    so, leaving the index invalid, and the next run rebuilds it.
     """
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            if conn.server_version >= 140000:
+                cur.execute(f"SET client_connection_check_interval = {CLIENT_CHECK_MS}")
             while True:
                 cur.execute("SELECT pg_try_advisory_lock(%s)", (store.MIGRATION_LOCK_KEY,))
                 if cur.fetchone()[0]:

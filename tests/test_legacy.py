@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -12,9 +15,10 @@ from typing import Any
 
 import psycopg2
 import pytest
+import yaml
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from ratebox import bridge, compare, legacy, migrate, rules
+from ratebox import bridge, compare, legacy, migrate, rules, store_legacy
 from ratebox.rules import compile_rules
 from ratebox.worker import Worker
 
@@ -38,7 +42,8 @@ def run(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return found
 
 
-SCHEMA_FILES = sorted((Path(__file__).resolve().parent.parent / "schema").glob("*.sql"))
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_FILES = sorted((ROOT / "schema").glob("*.sql"))
 
 
 def legacy_db(dsn: str, pending: int = 6, judged: int = 6) -> None:
@@ -170,6 +175,92 @@ class TestAdoption:
             empty_schema_dsn,
             "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass AND conname = 'raw_items_stream_entry_key'",
         ) == [("u",)]
+
+    def test_a_migrate_sigkilled_mid_index_build_is_finished_by_the_next_run(
+        self, empty_schema_dsn, tmp_path
+    ):
+        legacy_db(empty_schema_dsn, pending=20_000, judged=280_000)
+        checksum = (
+            "SELECT count(*), md5(string_agg(concat_ws('|', id, data, status, source, error_code,"
+            " error_message, created_at, processed_at, poller, note), ',' ORDER BY id))"
+            " FROM raw_items"
+        )
+        before = run(empty_schema_dsn, checksum)
+        path = tmp_path / "ratebox.yaml"
+        path.write_text(
+            yaml.safe_dump({"postgres": {"dsn": empty_schema_dsn, "migrate_on_start": False}}),
+            encoding="utf-8",
+        )
+        command = [sys.executable, str(ROOT / "bin" / "ratebox-migrate"), "-c", str(path)]
+        # A transaction holding an old snapshot: each CREATE INDEX CONCURRENTLY builds, then
+        # waits for it before marking the index valid. The migrate is killed in that wait.
+        blocker = psycopg2.connect(empty_schema_dsn)
+        try:
+            blocker.set_session(isolation_level="REPEATABLE READ")
+            blocker.cursor().execute("SELECT 1")
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 120
+                while True:
+                    assert proc.poll() is None, proc.communicate()
+                    found = run(
+                        empty_schema_dsn,
+                        "SELECT pid FROM pg_stat_progress_create_index"
+                        " WHERE relid = to_regclass('raw_items')"
+                        " AND index_relid = to_regclass('raw_items_stream_entry_key')"
+                        " AND phase = 'waiting for old snapshots'",
+                    )
+                    if found:
+                        break
+                    assert time.monotonic() < deadline, "the index build never started"
+                    time.sleep(0.05)
+                backend = found[0][0]
+            finally:
+                proc.kill()
+                proc.communicate()
+            assert proc.returncode == -signal.SIGKILL
+            # Its server session notices the client has gone and abandons the build: the
+            # index stays invalid and the migration lock is free (never a build finished
+            # behind the operator's back, nor a second run waiting on a dead one).
+            deadline = time.monotonic() + 60
+            while run(
+                empty_schema_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)
+            ):
+                assert time.monotonic() < deadline, "the killed migrate's session is still there"
+                time.sleep(0.1)
+        finally:
+            blocker.close()
+        assert run(
+            empty_schema_dsn,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'raw_items_stream_entry_key'::regclass",
+        ) == [(False,)]
+        assert run(empty_schema_dsn, "SELECT to_regclass('schema_migrations')") == [(None,)]
+
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "adopted raw_items" in done.stdout
+        assert run(
+            empty_schema_dsn,
+            "SELECT count(*) FILTER (WHERE NOT indisvalid), count(*) FROM pg_index"
+            " WHERE indrelid = 'raw_items'::regclass",
+        ) == [(0, len(store_legacy.INDEXES) + 1)]
+        assert run(
+            empty_schema_dsn,
+            "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass"
+            " AND conname = 'raw_items_stream_entry_key'",
+        ) == [("u",)]
+        recorded = run(
+            empty_schema_dsn, "SELECT version, filename, checksum FROM schema_migrations"
+        )
+        files = migrate.load(migrate.schema_dir())
+        assert sorted(recorded) == sorted(
+            [(v, name, checksum) for v, name, checksum, _ in files]
+            + [(store_legacy.ADOPTED_VERSION, "adopted raw_items", "")]
+        )
+        assert run(empty_schema_dsn, checksum) == before
+        assert run(
+            empty_schema_dsn, "SELECT count(*) FROM raw_items WHERE stream_id IS NOT NULL"
+        ) == [(0,)]
 
     @pytest.mark.parametrize(
         ("table", "column"),
