@@ -505,3 +505,122 @@ def test_the_bridge_routes_rows_to_partitions_like_any_producer(
     drain(settings, redis_url, adopted)
     rows = run(adopted, "SELECT id, stream_name FROM raw_items WHERE id = ANY(%s)", (pending,))
     assert {i: name for i, name in rows} == {i: f"{{{names.stream}:{p}}}" for i, p in want.items()}
+
+
+SWEEPER = {"interval_s": 0.2, "min_idle_ms": 300, "ghost_idle_s": 3600}
+
+
+def legacy_entries(redis_client, names, ids, data=GOOD):
+    """Publish one entry per legacy row id, as the bridge does; returns {entry ID: row id}."""
+    from ratebox import stream
+
+    stream.ensure_group(redis_client, names.stream, names.group)
+    entries = [
+        {"data": data, "legacy_id": str(i), "producer": bridge.PRODUCER, "source": ""} for i in ids
+    ]
+    return dict(zip(stream.publish(redis_client, names.stream, entries), ids, strict=True))
+
+
+def read_and_die(redis_client, names, consumer="worker_009"):
+    """Deliver every new entry to ``consumer``, which never acknowledges them (it died)."""
+    from ratebox import stream
+
+    return [e for e, _ in stream.read(redis_client, names.stream, names.group, consumer, 1000)]
+
+
+def table(dsn):
+    """Every row of raw_items by id: status, code, consumer, deliveries, stream ID, poller."""
+    found = run(
+        dsn,
+        "SELECT id, status, error_code, consumer_name, delivery_count, stream_id, poller"
+        " FROM raw_items ORDER BY id",
+    )
+    return {r[0]: r[1:] for r in found}
+
+
+def consumer_stats(dsn):
+    found = run(
+        dsn, "SELECT consumer_name, processed, errors, dead_lettered FROM stream_consumer_stats"
+    )
+    return {r[0]: r[1:] for r in found if any(r[1:])}
+
+
+def sweep_until_settled(sweeper, redis_client, names, limit_s=60):
+    deadline = time.monotonic() + limit_s
+    while redis_client.xpending(names.stream, names.group)["pending"]:
+        assert time.monotonic() < deadline, "the sweeper left entries pending"
+        sweeper.loop()
+        time.sleep(0.1)
+
+
+def pending_ids(dsn):
+    return [i for (i,) in run(dsn, "SELECT id FROM raw_items WHERE status = 'pending' ORDER BY id")]
+
+
+def test_the_sweeper_puts_a_dead_consumers_legacy_verdicts_on_their_rows_once(
+    make_config, redis_client, redis_url, adopted, names
+):
+    from ratebox.sweeper import NAME, Sweeper
+
+    settings, _ = config_for(make_config, adopted, sweeper=SWEEPER)
+    before = table(adopted)
+    ids = pending_ids(adopted)
+    published = legacy_entries(redis_client, names, ids, SHORT_PHONE)
+    assert read_and_die(redis_client, names) == list(published)
+    sweeper = Sweeper(settings, redis_url, adopted)
+    try:
+        sweep_until_settled(sweeper, redis_client, names)
+        for _ in range(3):  # more sweeps change nothing
+            sweeper.loop()
+    finally:
+        sweeper.shutdown()
+    # The dead consumer's name comes back: nothing of its own is left to judge again.
+    drain(settings, redis_url, adopted)
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # no row added
+    for entry_id, i in published.items():
+        assert after[i] == ("error", 101, NAME, 2, entry_id, None)
+    assert all(after[i] == before[i] for i in before if i not in ids)
+    assert consumer_stats(adopted) == {NAME: (len(ids), len(ids), 0)}
+    assert redis_client.xpending(names.stream, names.group)["pending"] == 0
+
+
+def test_a_dead_lettered_legacy_entry_gets_its_910_on_its_row_and_a_replay_adds_nothing(
+    make_config, redis_client, redis_url, adopted, names
+):
+    from ratebox import cli, stream
+    from ratebox.sweeper import NAME, Sweeper
+
+    settings, path = config_for(make_config, adopted, sweeper=SWEEPER, workers={"max_retries": 3})
+    before = table(adopted)
+    ids = pending_ids(adopted)
+    published = legacy_entries(redis_client, names, ids)
+    pill = list(published)[2]
+    read_and_die(redis_client, names)
+    # Two more deliveries that each crashed before committing (as in test_sweeper).
+    for _ in range(settings.workers.max_retries - 1):
+        stream.claim(redis_client, names.stream, names.group, NAME, 0, [pill])
+    sweeper = Sweeper(settings, redis_url, adopted)
+    try:
+        sweep_until_settled(sweeper, redis_client, names)
+        assert (sweeper.totals.processed, sweeper.totals.dead_lettered) == (len(ids) - 1, 1)
+    finally:
+        sweeper.shutdown()
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # the 910 went on the row, not on a new one
+    assert after[published[pill]] == ("error", 910, NAME, 4, pill, None)
+    assert all(after[published[e]][:2] == ("done", None) for e in published if e != pill)
+    judged = consumer_stats(adopted)
+    assert judged == {NAME: (len(ids), 1, 1)}
+    ((dead_id, fields),) = stream.entries_between(redis_client, names.dead_letter, "-", "+", 10)
+    assert fields[b"legacy_id"] == str(published[pill]).encode()
+
+    # Replayed after the cause is fixed: the row already holds its one verdict, the 910.
+    assert cli.main_dlq(["-c", str(path), "replay", dead_id]) == 0
+    assert redis_client.xlen(names.dead_letter) == 0
+    replayed = stream.entries_between(redis_client, names.stream, "(" + pill, "+", 100)
+    assert replayed[-1][1][b"legacy_id"] == str(published[pill]).encode()
+    drain(settings, redis_url, adopted)
+    assert table(adopted) == after
+    assert consumer_stats(adopted) == judged
+    assert redis_client.xpending(names.stream, names.group)["pending"] == 0
