@@ -520,6 +520,31 @@ def _write_legacy(
     return len(judged)
 
 
+# -- replay ---------------------------------------------------------------------------------
+
+
+def judged_by_another(conn: Any, stream: str, named: Sequence[tuple[str, int]]) -> int:
+    """How many of these (stream ID, legacy row id) entries have no row of their own while
+    their legacy row holds another verdict: a poller's, or an earlier entry's. Replay leaves
+    those rows alone; they are not rows a worker has yet to write."""
+    if not named:
+        return 0
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT count(*) FROM unnest(%s::text[], %s::bigint[]) AS e (stream_id, legacy_id)
+            JOIN raw_items r ON r.id = e.legacy_id
+            WHERE r.status IS DISTINCT FROM 'pending'
+              AND NOT EXISTS (SELECT 1 FROM raw_items m
+                              WHERE m.stream_name = %s AND m.stream_id = e.stream_id)
+            """,
+            ([entry_id for entry_id, _ in named], [row_id for _, row_id in named], stream),
+        )
+        found = int(cur.fetchone()[0])
+    conn.rollback()
+    return found
+
+
 # -- the bridge -----------------------------------------------------------------------------
 
 #: Advisory lock class of the bridge (one bridge per stream; the key is the stream's hash).

@@ -624,3 +624,48 @@ def test_a_dead_lettered_legacy_entry_gets_its_910_on_its_row_and_a_replay_adds_
     assert table(adopted) == after
     assert consumer_stats(adopted) == judged
     assert redis_client.xpending(names.stream, names.group)["pending"] == 0
+
+
+def test_replay_re_judges_the_legacy_rows_ratebox_judged_and_no_others(
+    make_config, redis_client, redis_url, adopted, names, capsys
+):
+    from ratebox import cli
+
+    settings, path = config_for(make_config, adopted)
+    ids = pending_ids(adopted)
+    polled = run(adopted, "SELECT id FROM raw_items WHERE status = 'done' ORDER BY id")[0][0]
+    published = legacy_entries(redis_client, names, [*ids, polled])  # the last one lost the race
+    drain(settings, redis_url, adopted)
+    before = table(adopted)
+    assert all(before[i][:3] == ("done", None, "worker_001") for i in ids)
+
+    # The new rules: names of at least 12 characters ("An" has 2).
+    stricter = [
+        {
+            "field": "name",
+            "check": "min_length",
+            "params": {"min": 12},
+            "code": 401,
+            "message": "Name too short for the CMS: {length} chars, minimum {min}",
+        }
+    ]
+    config_for(make_config, adopted, rules=stricter)
+    capsys.readouterr()
+    assert cli.main_replay(["-c", str(path), "--from", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        f"re-validated {len(published)} entries: {len(ids)} changed verdict, 0 unchanged,"
+        " 0 skipped (pipeline verdicts), 0 without a row yet,"
+        " 1 legacy rows judged by another (left alone)\n"
+    )
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # updated in place, no row added
+    for entry_id, i in published.items():
+        if i == polled:
+            assert after[i] == before[i]  # the poller's verdict stands
+        else:
+            assert after[i] == ("error", 401, "worker_001", 1, entry_id, None)
+    assert all(after[i] == before[i] for i in before if i not in ids)
+    errors = run(adopted, "SELECT errors FROM raw_items WHERE id = %s", (ids[0],))[0][0]
+    assert [e["code"] for e in errors] == [401]
+    assert consumer_stats(adopted) == {"worker_001": (len(ids), len(ids), 0)}
