@@ -454,6 +454,7 @@ def main_replay(argv: Sequence[str] | None = None) -> int:
     print(
         f"re-validated {c.read} entries: {c.changed} changed verdict, {c.unchanged} unchanged, "
         f"{c.skipped} skipped (pipeline verdicts), {c.missing} without a row yet"
+        f"{replay.another(c)}"
     )
     return EXIT_OK
 

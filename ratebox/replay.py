@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ratebox import route, store, stream, verdict
+from ratebox import legacy, route, store, store_legacy, stream, verdict
 from ratebox.config import Settings
 from ratebox.rules import Engine, compile_rules
 
@@ -35,6 +35,9 @@ class Counts:
     skipped: int = 0
     #: Entries without a row yet: not processed so far, a worker will judge them.
     missing: int = 0
+    #: Entries from ratebox-bridge whose legacy row a poller (or another entry) judged first:
+    #: that verdict stands, and is not re-judged here.
+    judged_by_another: int = 0
 
 
 _U64 = 2**64 - 1
@@ -102,7 +105,7 @@ def replay_range(
         client.close()
     log.info(
         "re-validated %d entries of %s from %s to %s: %d changed verdict, %d unchanged, "
-        "%d skipped (pipeline verdicts), %d without a row yet",
+        "%d skipped (pipeline verdicts), %d without a row yet%s",
         counts.read,
         name,
         first,
@@ -111,8 +114,16 @@ def replay_range(
         counts.unchanged,
         counts.skipped,
         counts.missing,
+        another(counts),
     )
     return counts
+
+
+def another(counts: Counts) -> str:
+    """The end of the summary line for legacy rows judged by another (nothing when none)."""
+    if not counts.judged_by_another:
+        return ""
+    return f", {counts.judged_by_another} legacy rows judged by another (left alone)"
 
 
 def _replay_one(
@@ -138,7 +149,17 @@ def _replay_one(
             counts.changed += found["changed"]
             counts.unchanged += found["unchanged"]
             counts.skipped += found["skipped"]
-            counts.missing += len(rows) - sum(found.values())
+            missing = len(rows) - sum(found.values())
+            if missing:
+                named = [
+                    (entry_id, row_id)
+                    for entry_id, (row_id, _) in legacy.targets(judged).items()
+                    if row_id is not None
+                ]
+                other = store_legacy.judged_by_another(conn, name, named)
+                counts.judged_by_another += other
+                missing -= other
+            counts.missing += missing
         if len(entries) < PAGE:
             break
         cursor = "(" + entries[-1][0]

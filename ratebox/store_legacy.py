@@ -37,6 +37,8 @@ from ratebox.verdict import Row
 
 #: Seconds between two tries of the migration lock.
 LOCK_POLL_S = 0.2
+#: How often (ms) the server checks, while a statement runs, that ratebox-migrate is there.
+CLIENT_CHECK_MS = 1000
 
 
 @contextlib.contextmanager
@@ -46,10 +48,19 @@ def migration_lock(conn: Any) -> Iterator[None]:
     Taken with pg_try_advisory_lock in a loop, not pg_advisory_lock: a session blocked in
     a statement holds a snapshot, and CREATE INDEX CONCURRENTLY in the session that has the
     lock would wait for that snapshot while it waits for the lock -- a deadlock.
+
+    The session also ends soon after its client dies (PostgreSQL 14 and later). A backend
+    otherwise notices a dead client only when it next talks to it: a ratebox-migrate killed
+    while CREATE INDEX CONCURRENTLY waits for an old transaction would leave its session
+    waiting, holding this lock (the next run would wait on a dead one), and finishing the
+    build whenever that transaction ends. With the check the session ends within a second or
+    so, leaving the index invalid, and the next run rebuilds it.
     """
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            if conn.server_version >= 140000:
+                cur.execute(f"SET client_connection_check_interval = {CLIENT_CHECK_MS}")
             while True:
                 cur.execute("SELECT pg_try_advisory_lock(%s)", (store.MIGRATION_LOCK_KEY,))
                 if cur.fetchone()[0]:
@@ -507,6 +518,31 @@ def _write_legacy(
         cur.execute(_RECORD_STATS, _stats(consumer, judged))
     conn.commit()
     return len(judged)
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def judged_by_another(conn: Any, stream: str, named: Sequence[tuple[str, int]]) -> int:
+    """How many of these (stream ID, legacy row id) entries have no row of their own while
+    their legacy row holds another verdict: a poller's, or an earlier entry's. Replay leaves
+    those rows alone; they are not rows a worker has yet to write."""
+    if not named:
+        return 0
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT count(*) FROM unnest(%s::text[], %s::bigint[]) AS e (stream_id, legacy_id)
+            JOIN raw_items r ON r.id = e.legacy_id
+            WHERE r.status IS DISTINCT FROM 'pending'
+              AND NOT EXISTS (SELECT 1 FROM raw_items m
+                              WHERE m.stream_name = %s AND m.stream_id = e.stream_id)
+            """,
+            ([entry_id for entry_id, _ in named], [row_id for _, row_id in named], stream),
+        )
+        found = int(cur.fetchone()[0])
+    conn.rollback()
+    return found
 
 
 # -- the bridge -----------------------------------------------------------------------------

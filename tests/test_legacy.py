@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -12,9 +15,10 @@ from typing import Any
 
 import psycopg2
 import pytest
+import yaml
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from ratebox import bridge, compare, legacy, migrate, rules
+from ratebox import bridge, compare, legacy, migrate, rules, store_legacy
 from ratebox.rules import compile_rules
 from ratebox.worker import Worker
 
@@ -38,7 +42,8 @@ def run(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return found
 
 
-SCHEMA_FILES = sorted((Path(__file__).resolve().parent.parent / "schema").glob("*.sql"))
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_FILES = sorted((ROOT / "schema").glob("*.sql"))
 
 
 def legacy_db(dsn: str, pending: int = 6, judged: int = 6) -> None:
@@ -170,6 +175,92 @@ class TestAdoption:
             empty_schema_dsn,
             "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass AND conname = 'raw_items_stream_entry_key'",
         ) == [("u",)]
+
+    def test_a_migrate_sigkilled_mid_index_build_is_finished_by_the_next_run(
+        self, empty_schema_dsn, tmp_path
+    ):
+        legacy_db(empty_schema_dsn, pending=20_000, judged=280_000)
+        checksum = (
+            "SELECT count(*), md5(string_agg(concat_ws('|', id, data, status, source, error_code,"
+            " error_message, created_at, processed_at, poller, note), ',' ORDER BY id))"
+            " FROM raw_items"
+        )
+        before = run(empty_schema_dsn, checksum)
+        path = tmp_path / "ratebox.yaml"
+        path.write_text(
+            yaml.safe_dump({"postgres": {"dsn": empty_schema_dsn, "migrate_on_start": False}}),
+            encoding="utf-8",
+        )
+        command = [sys.executable, str(ROOT / "bin" / "ratebox-migrate"), "-c", str(path)]
+        # A transaction holding an old snapshot: each CREATE INDEX CONCURRENTLY builds, then
+        # waits for it before marking the index valid. The migrate is killed in that wait.
+        blocker = psycopg2.connect(empty_schema_dsn)
+        try:
+            blocker.set_session(isolation_level="REPEATABLE READ")
+            blocker.cursor().execute("SELECT 1")
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 120
+                while True:
+                    assert proc.poll() is None, proc.communicate()
+                    found = run(
+                        empty_schema_dsn,
+                        "SELECT pid FROM pg_stat_progress_create_index"
+                        " WHERE relid = to_regclass('raw_items')"
+                        " AND index_relid = to_regclass('raw_items_stream_entry_key')"
+                        " AND phase = 'waiting for old snapshots'",
+                    )
+                    if found:
+                        break
+                    assert time.monotonic() < deadline, "the index build never started"
+                    time.sleep(0.05)
+                backend = found[0][0]
+            finally:
+                proc.kill()
+                proc.communicate()
+            assert proc.returncode == -signal.SIGKILL
+            # Its server session notices the client has gone and abandons the build: the
+            # index stays invalid and the migration lock is free (never a build finished
+            # behind the operator's back, nor a second run waiting on a dead one).
+            deadline = time.monotonic() + 60
+            while run(
+                empty_schema_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)
+            ):
+                assert time.monotonic() < deadline, "the killed migrate's session is still there"
+                time.sleep(0.1)
+        finally:
+            blocker.close()
+        assert run(
+            empty_schema_dsn,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'raw_items_stream_entry_key'::regclass",
+        ) == [(False,)]
+        assert run(empty_schema_dsn, "SELECT to_regclass('schema_migrations')") == [(None,)]
+
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "adopted raw_items" in done.stdout
+        assert run(
+            empty_schema_dsn,
+            "SELECT count(*) FILTER (WHERE NOT indisvalid), count(*) FROM pg_index"
+            " WHERE indrelid = 'raw_items'::regclass",
+        ) == [(0, len(store_legacy.INDEXES) + 1)]
+        assert run(
+            empty_schema_dsn,
+            "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass"
+            " AND conname = 'raw_items_stream_entry_key'",
+        ) == [("u",)]
+        recorded = run(
+            empty_schema_dsn, "SELECT version, filename, checksum FROM schema_migrations"
+        )
+        files = migrate.load(migrate.schema_dir())
+        assert sorted(recorded) == sorted(
+            [(v, name, checksum) for v, name, checksum, _ in files]
+            + [(store_legacy.ADOPTED_VERSION, "adopted raw_items", "")]
+        )
+        assert run(empty_schema_dsn, checksum) == before
+        assert run(
+            empty_schema_dsn, "SELECT count(*) FROM raw_items WHERE stream_id IS NOT NULL"
+        ) == [(0,)]
 
     @pytest.mark.parametrize(
         ("table", "column"),
@@ -414,3 +505,167 @@ def test_the_bridge_routes_rows_to_partitions_like_any_producer(
     drain(settings, redis_url, adopted)
     rows = run(adopted, "SELECT id, stream_name FROM raw_items WHERE id = ANY(%s)", (pending,))
     assert {i: name for i, name in rows} == {i: f"{{{names.stream}:{p}}}" for i, p in want.items()}
+
+
+SWEEPER = {"interval_s": 0.2, "min_idle_ms": 300, "ghost_idle_s": 3600}
+
+
+def legacy_entries(redis_client, names, ids, data=GOOD):
+    """Publish one entry per legacy row id, as the bridge does; returns {entry ID: row id}."""
+    from ratebox import stream
+
+    stream.ensure_group(redis_client, names.stream, names.group)
+    entries = [
+        {"data": data, "legacy_id": str(i), "producer": bridge.PRODUCER, "source": ""} for i in ids
+    ]
+    return dict(zip(stream.publish(redis_client, names.stream, entries), ids, strict=True))
+
+
+def read_and_die(redis_client, names, consumer="worker_009"):
+    """Deliver every new entry to ``consumer``, which never acknowledges them (it died)."""
+    from ratebox import stream
+
+    return [e for e, _ in stream.read(redis_client, names.stream, names.group, consumer, 1000)]
+
+
+def table(dsn):
+    """Every row of raw_items by id: status, code, consumer, deliveries, stream ID, poller."""
+    found = run(
+        dsn,
+        "SELECT id, status, error_code, consumer_name, delivery_count, stream_id, poller"
+        " FROM raw_items ORDER BY id",
+    )
+    return {r[0]: r[1:] for r in found}
+
+
+def consumer_stats(dsn):
+    found = run(
+        dsn, "SELECT consumer_name, processed, errors, dead_lettered FROM stream_consumer_stats"
+    )
+    return {r[0]: r[1:] for r in found if any(r[1:])}
+
+
+def sweep_until_settled(sweeper, redis_client, names, limit_s=60):
+    deadline = time.monotonic() + limit_s
+    while redis_client.xpending(names.stream, names.group)["pending"]:
+        assert time.monotonic() < deadline, "the sweeper left entries pending"
+        sweeper.loop()
+        time.sleep(0.1)
+
+
+def pending_ids(dsn):
+    return [i for (i,) in run(dsn, "SELECT id FROM raw_items WHERE status = 'pending' ORDER BY id")]
+
+
+def test_the_sweeper_puts_a_dead_consumers_legacy_verdicts_on_their_rows_once(
+    make_config, redis_client, redis_url, adopted, names
+):
+    from ratebox.sweeper import NAME, Sweeper
+
+    settings, _ = config_for(make_config, adopted, sweeper=SWEEPER)
+    before = table(adopted)
+    ids = pending_ids(adopted)
+    published = legacy_entries(redis_client, names, ids, SHORT_PHONE)
+    assert read_and_die(redis_client, names) == list(published)
+    sweeper = Sweeper(settings, redis_url, adopted)
+    try:
+        sweep_until_settled(sweeper, redis_client, names)
+        for _ in range(3):  # more sweeps change nothing
+            sweeper.loop()
+    finally:
+        sweeper.shutdown()
+    # The dead consumer's name comes back: nothing of its own is left to judge again.
+    drain(settings, redis_url, adopted)
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # no row added
+    for entry_id, i in published.items():
+        assert after[i] == ("error", 101, NAME, 2, entry_id, None)
+    assert all(after[i] == before[i] for i in before if i not in ids)
+    assert consumer_stats(adopted) == {NAME: (len(ids), len(ids), 0)}
+    assert redis_client.xpending(names.stream, names.group)["pending"] == 0
+
+
+def test_a_dead_lettered_legacy_entry_gets_its_910_on_its_row_and_a_replay_adds_nothing(
+    make_config, redis_client, redis_url, adopted, names
+):
+    from ratebox import cli, stream
+    from ratebox.sweeper import NAME, Sweeper
+
+    settings, path = config_for(make_config, adopted, sweeper=SWEEPER, workers={"max_retries": 3})
+    before = table(adopted)
+    ids = pending_ids(adopted)
+    published = legacy_entries(redis_client, names, ids)
+    pill = list(published)[2]
+    read_and_die(redis_client, names)
+    # Two more deliveries that each crashed before committing (as in test_sweeper).
+    for _ in range(settings.workers.max_retries - 1):
+        stream.claim(redis_client, names.stream, names.group, NAME, 0, [pill])
+    sweeper = Sweeper(settings, redis_url, adopted)
+    try:
+        sweep_until_settled(sweeper, redis_client, names)
+        assert (sweeper.totals.processed, sweeper.totals.dead_lettered) == (len(ids) - 1, 1)
+    finally:
+        sweeper.shutdown()
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # the 910 went on the row, not on a new one
+    assert after[published[pill]] == ("error", 910, NAME, 4, pill, None)
+    assert all(after[published[e]][:2] == ("done", None) for e in published if e != pill)
+    judged = consumer_stats(adopted)
+    assert judged == {NAME: (len(ids), 1, 1)}
+    ((dead_id, fields),) = stream.entries_between(redis_client, names.dead_letter, "-", "+", 10)
+    assert fields[b"legacy_id"] == str(published[pill]).encode()
+
+    # Replayed after the cause is fixed: the row already holds its one verdict, the 910.
+    assert cli.main_dlq(["-c", str(path), "replay", dead_id]) == 0
+    assert redis_client.xlen(names.dead_letter) == 0
+    replayed = stream.entries_between(redis_client, names.stream, "(" + pill, "+", 100)
+    assert replayed[-1][1][b"legacy_id"] == str(published[pill]).encode()
+    drain(settings, redis_url, adopted)
+    assert table(adopted) == after
+    assert consumer_stats(adopted) == judged
+    assert redis_client.xpending(names.stream, names.group)["pending"] == 0
+
+
+def test_replay_re_judges_the_legacy_rows_ratebox_judged_and_no_others(
+    make_config, redis_client, redis_url, adopted, names, capsys
+):
+    from ratebox import cli
+
+    settings, path = config_for(make_config, adopted)
+    ids = pending_ids(adopted)
+    polled = run(adopted, "SELECT id FROM raw_items WHERE status = 'done' ORDER BY id")[0][0]
+    published = legacy_entries(redis_client, names, [*ids, polled])  # the last one lost the race
+    drain(settings, redis_url, adopted)
+    before = table(adopted)
+    assert all(before[i][:3] == ("done", None, "worker_001") for i in ids)
+
+    # The new rules: names of at least 12 characters ("An" has 2).
+    stricter = [
+        {
+            "field": "name",
+            "check": "min_length",
+            "params": {"min": 12},
+            "code": 401,
+            "message": "Name too short for the CMS: {length} chars, minimum {min}",
+        }
+    ]
+    config_for(make_config, adopted, rules=stricter)
+    capsys.readouterr()
+    assert cli.main_replay(["-c", str(path), "--from", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        f"re-validated {len(published)} entries: {len(ids)} changed verdict, 0 unchanged,"
+        " 0 skipped (pipeline verdicts), 0 without a row yet,"
+        " 1 legacy rows judged by another (left alone)\n"
+    )
+    after = table(adopted)
+    assert sorted(after) == sorted(before)  # updated in place, no row added
+    for entry_id, i in published.items():
+        if i == polled:
+            assert after[i] == before[i]  # the poller's verdict stands
+        else:
+            assert after[i] == ("error", 401, "worker_001", 1, entry_id, None)
+    assert all(after[i] == before[i] for i in before if i not in ids)
+    errors = run(adopted, "SELECT errors FROM raw_items WHERE id = %s", (ids[0],))[0][0]
+    assert [e["code"] for e in errors] == [401]
+    assert consumer_stats(adopted) == {"worker_001": (len(ids), len(ids), 0)}
