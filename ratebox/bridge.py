@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ratebox import store, store_legacy, stream
+from ratebox import store, store_bridge, stream
 from ratebox.config import Settings
 from ratebox.errors import RateboxError
 from ratebox.pipeline import OUTAGE_ERRORS, Outage
@@ -94,10 +94,10 @@ class Bridge:
     def connect(self) -> None:
         """Open both connections, take the one-bridge lock, start from the stored mark."""
         self.redis = stream.connect(self.redis_url, cluster=self.settings.redis.cluster)
-        self.pg = store_legacy.bridge_connect(self.dsn)
-        if not store_legacy.bridge_lock(self.pg, self.stream):
+        self.pg = store_bridge.bridge_connect(self.dsn)
+        if not store_bridge.bridge_lock(self.pg, self.stream):
             raise BridgeBusy(f"another ratebox-bridge is already publishing to {self.stream}")
-        self.mark = self.cursor = store_legacy.bridge_mark(self.pg, self.stream)
+        self.mark = self.cursor = store_bridge.bridge_mark(self.pg, self.stream)
         self.counts.mark = self.mark
         self.above.clear()
         self.waiting.clear()
@@ -115,7 +115,7 @@ class Bridge:
 
     def to_publish(self) -> int:
         """Pending rows above the mark: the progress bar's total."""
-        return store_legacy.count_pending_after(self.pg, self.mark)
+        return store_bridge.count_pending_after(self.pg, self.mark)
 
     def _publish(self, rows: Sequence[tuple[Any, ...]]) -> None:
         # Routed like any producer's items: each partition gets its rows in id order.
@@ -133,7 +133,7 @@ class Bridge:
 
     def step(self) -> int:
         """Publish one page above the cursor and move the mark as far as is settled."""
-        rows, snapshot = store_legacy.pending_page(self.pg, self.cursor, PAGE)
+        rows, snapshot = store_bridge.pending_page(self.pg, self.cursor, PAGE)
         if rows:
             self._publish(rows)
             self.cursor = rows[-1][0]
@@ -144,20 +144,20 @@ class Bridge:
     def settle(self) -> None:
         """Move the mark past every page whose concurrent transactions have all ended."""
         upto = None
-        while self.waiting and store_legacy.settled(self.pg, self.waiting[0][1]):
+        while self.waiting and store_bridge.settled(self.pg, self.waiting[0][1]):
             upto = self.waiting.popleft()[0]
         if upto is None or upto <= self.mark:
             return
         late = [
             i
-            for i in store_legacy.pending_ids_between(self.pg, self.mark, upto)
+            for i in store_bridge.pending_ids_between(self.pg, self.mark, upto)
             if i not in self.above
         ]
         if late:
-            found = store_legacy.pending_rows(self.pg, late)
+            found = store_bridge.pending_rows(self.pg, late)
             self._publish(found)
             self.counts.late += len(found)
-        store_legacy.set_bridge_mark(self.pg, self.stream, upto)
+        store_bridge.set_bridge_mark(self.pg, self.stream, upto)
         self.mark = self.counts.mark = upto
         self.above = {i for i in self.above if i > upto}
 

@@ -591,11 +591,11 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="the report as one JSON document")
     args = p.parse_args(argv)
     settings, _, dsn = settings_and_servers(args, "compare", need_pg=True)
-    from ratebox import compare, store_legacy
+    from ratebox import compare, store_bridge
     from ratebox.rules import compile_rules
 
     engine = compile_rules(settings.rules)
-    total = args.limit or store_legacy.estimate_rows(dsn) or 0
+    total = args.limit or store_bridge.estimate_rows(dsn) or 0
     with _progress(total, "comparing") as advance:
         report = compare.compare(dsn, engine, args.since, args.until, args.limit, advance)
     if args.json:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ratebox import mask, store_legacy
+from ratebox import mask, store_bridge
 from ratebox.message import MALFORMED
 from ratebox.rules import Engine
 
@@ -175,10 +175,10 @@ def compare(
     """Re-judge the legacy system's verdicts (in the window) and measure both systems."""
     started = time.monotonic()
     report = Report()
-    for page in store_legacy.legacy_verdicts(dsn, since, until, limit):
+    for page in store_bridge.legacy_verdicts(dsn, since, until, limit):
         report.add_page(page, engine)
         if advance is not None:
             advance(len(page))
-    report.ratebox = store_legacy.ratebox_figures(dsn, since, until)
+    report.ratebox = store_bridge.ratebox_figures(dsn, since, until)
     report.seconds = time.monotonic() - started
     return report

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ratebox import store, store_legacy
+from ratebox import store, store_adopt
 from ratebox.store import Migration, MigrationError
 
 __all__ = ["SCHEMA_DIR", "MigrationError", "load", "pending", "run", "schema_dir"]
@@ -78,13 +78,13 @@ def run(dsn: str, directory: Path | None = None) -> list[str]:
     files = load(directory or schema_dir())
     conn = store.connect(dsn, application_name="ratebox-migrate")
     try:
-        with store_legacy.migration_lock(conn):
+        with store_adopt.migration_lock(conn):
             done: list[str] = []
             # A raw_items that no migration of ours created belongs to the polling system
             # RateBox replaces: adopted in place, never recreated.
-            if store_legacy.legacy_table(conn):
-                adopted = [f for f in files if int(f[0]) <= store_legacy.ADOPTS_THROUGH]
-                done += store_legacy.adopt(conn, adopted)
+            if store_adopt.legacy_table(conn):
+                adopted = [f for f in files if int(f[0]) <= store_adopt.ADOPTS_THROUGH]
+                done += store_adopt.adopt(conn, adopted)
             return done + store.apply_migrations(conn, files, pending)
     finally:
         conn.close()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from ratebox import bridge, compare, legacy, migrate, rules, store_legacy
+from ratebox import bridge, compare, legacy, migrate, rules, store_adopt
 from ratebox.rules import compile_rules
 from ratebox.worker import Worker
 
@@ -243,7 +243,7 @@ class TestAdoption:
             empty_schema_dsn,
             "SELECT count(*) FILTER (WHERE NOT indisvalid), count(*) FROM pg_index"
             " WHERE indrelid = 'raw_items'::regclass",
-        ) == [(0, len(store_legacy.INDEXES) + 1)]
+        ) == [(0, len(store_adopt.INDEXES) + 1)]
         assert run(
             empty_schema_dsn,
             "SELECT contype FROM pg_constraint WHERE conrelid = 'raw_items'::regclass"
@@ -255,7 +255,7 @@ class TestAdoption:
         files = migrate.load(migrate.schema_dir())
         assert sorted(recorded) == sorted(
             [(v, name, checksum) for v, name, checksum, _ in files]
-            + [(store_legacy.ADOPTED_VERSION, "adopted raw_items", "")]
+            + [(store_adopt.ADOPTED_VERSION, "adopted raw_items", "")]
         )
         assert run(empty_schema_dsn, checksum) == before
         assert run(
