@@ -162,11 +162,11 @@ def _refuse_if_supervised(settings: config.Settings, name: str, redis_url: str) 
     prefix = settings.consumer_name(1).rsplit("_", 1)[0]
     if not re.fullmatch(rf"{re.escape(prefix)}_[0-9]+", name):
         return
-    from ratebox import stream
+    from ratebox import stream, stream_lease
 
     client = stream.connect_quick(redis_url, cluster=settings.redis.cluster)
     try:
-        holder = stream.lease_holder(client, settings.lease_key())
+        holder = stream_lease.lease_holder(client, settings.lease_key())
     finally:
         client.close()
     if holder is not None:

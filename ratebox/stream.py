@@ -1,7 +1,8 @@
-"""Speaks Redis for the workers and sweeper: connect, read as a consumer, ack, claim, trim, lease.
+"""Speaks Redis for the workers, sweeper and monitor: connect, read as a consumer, ack, claim,
+trim, inspect.
 
-The dead-letter stream's steps are in stream_dead, lag in stream_lag, cluster routing in
-stream_cluster."""
+Its siblings: the dead-letter stream's steps in stream_dead, lag in stream_lag, cluster
+routing in stream_cluster, the supervisor's lease in stream_lease."""
 
 from __future__ import annotations
 
@@ -601,38 +602,6 @@ def entries_between(
 # -- end of sweeper, dead letters and replay ----------------------------------------------------
 
 
-# -- supervisor lease
-#
-# A supervisor holds one key per (stream, group, name prefix) while its children use those
-# consumer names. The value names the holder (host:pid:random) so that only the holder can
-# refresh or release it, and a dead holder's key simply expires.
-
-# Refresh only a lease we still hold: after an expiry another supervisor may own the key.
-_LEASE_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_LEASE_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# Check and delete in one step, so an entry delivered between the two cannot be orphaned.
-_DELETE_IDLE_CONSUMER = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
-if #pending > 0 then
-  return {0, #pending}
-end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return {1, 0}
-"""
-
-
 def connect_quick(url: str, timeout_s: float = 2.0, cluster: bool = False) -> redis.Redis:
     """A client with short timeouts for the supervisor's loop; pings once (ServerUnavailable)."""
     make: Any = stream_cluster.connect_cluster if cluster else redis.Redis.from_url
@@ -644,46 +613,3 @@ def connect_quick(url: str, timeout_s: float = 2.0, cluster: bool = False) -> re
     except OUTAGE_ERRORS as exc:
         raise ServerUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason(exc)}") from None
     return client
-
-
-def take_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> str | None:
-    """SET NX PX: None when taken (or already ours), else the current holder's value."""
-    if client.set(key, holder, nx=True, px=ttl_ms):
-        return None
-    current = client.get(key)
-    if current is None:  # expired between the two commands: try once more
-        return None if client.set(key, holder, nx=True, px=ttl_ms) else _id(client.get(key) or b"?")
-    current_text = _id(current)
-    if current_text == holder:
-        client.pexpire(key, ttl_ms)
-        return None
-    return current_text
-
-
-def lease_holder(client: redis.Redis, key: str) -> str | None:
-    """Who holds the lease (host:pid:random), or None."""
-    value = client.get(key)
-    return None if value is None else _id(value)
-
-
-def refresh_lease(client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
-    """Extend the lease if we still hold it; False when it expired or belongs to another."""
-    return bool(client.eval(_LEASE_REFRESH, 1, key, holder, ttl_ms))
-
-
-def release_lease(client: redis.Redis, key: str, holder: str) -> bool:
-    """Delete the lease if we still hold it."""
-    return bool(client.eval(_LEASE_RELEASE, 1, key, holder))
-
-
-def delete_consumer_if_idle(
-    client: redis.Redis, stream: str, group: str, consumer: str
-) -> tuple[bool, int]:
-    """XGROUP DELCONSUMER only when the consumer holds nothing: (deleted, pending held)."""
-    try:
-        deleted, pending = client.eval(_DELETE_IDLE_CONSUMER, 1, stream, group, consumer)
-    except redis.ResponseError as exc:
-        if is_nogroup(exc):
-            return False, 0
-        raise
-    return bool(deleted), int(pending)

@@ -28,7 +28,7 @@ from signal import SIGABRT, SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, 
 from types import FrameType
 from typing import Any
 
-from ratebox import config, heartbeat, route, stream, systemd, topology
+from ratebox import config, heartbeat, route, stream, stream_lease, systemd, topology
 from ratebox import log as ratebox_log
 from ratebox.config import Settings
 from ratebox.errors import (
@@ -364,7 +364,7 @@ class Supervisor:
         deleted, pending = True, 0
         try:
             for partition in route.stream_names(s):
-                gone, held = stream.delete_consumer_if_idle(
+                gone, held = stream_lease.delete_consumer_if_idle(
                     self.redis, partition, s.stream.group, name
                 )
                 deleted, pending = deleted and gone, pending + held
@@ -531,7 +531,7 @@ class Supervisor:
 
     def _take_lease(self) -> str | None:
         """None when we hold the lease now, else who does (host:pid)."""
-        other = stream.take_lease(self.redis, self.lease_key, self.lease_holder, LEASE_TTL_MS)
+        other = stream_lease.take_lease(self.redis, self.lease_key, self.lease_holder, LEASE_TTL_MS)
         self.lease_held = other is None
         return None if other is None else other.rsplit(":", 1)[0]
 
@@ -544,7 +544,7 @@ class Supervisor:
         try:
             # When the refresh fails the lease expired (Redis lost its data, or we were
             # stopped too long): take it again, unless somebody else holds it by now.
-            if not stream.refresh_lease(self.redis, key, self.lease_holder, LEASE_TTL_MS):
+            if not stream_lease.refresh_lease(self.redis, key, self.lease_holder, LEASE_TTL_MS):
                 holder = self._take_lease()
                 log.warning("the lease %s had expired; %s", key, holder or "taken again")
         except stream.OUTAGE_ERRORS as exc:
@@ -610,7 +610,7 @@ class Supervisor:
         """Lease, status file, the embedded servers we started, wakeup pipe: in that order."""
         if self.lease_held:
             try:
-                stream.release_lease(self.redis, self.lease_key, self.lease_holder)
+                stream_lease.release_lease(self.redis, self.lease_key, self.lease_holder)
             except stream.OUTAGE_ERRORS as exc:
                 log.warning("cannot release the lease (it expires soon): %s", stream.reason(exc))
             self.lease_held = False

@@ -22,7 +22,7 @@ import redis
 import yaml
 from conftest import Names
 
-from ratebox import producer, stream
+from ratebox import producer, stream, stream_lease
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Variables that would override the test's YAML, or make the supervisor talk to systemd.
@@ -276,13 +276,13 @@ class TestLeaseAndConsumersInRedis:
         self, redis_client: redis.Redis, names: Names
     ) -> None:
         key = f"ratebox:lease:{names.stream}"
-        assert stream.take_lease(redis_client, key, "a:1:x", 15_000) is None
-        assert stream.take_lease(redis_client, key, "b:2:y", 15_000) == "a:1:x"
-        assert stream.refresh_lease(redis_client, key, "b:2:y", 15_000) is False
-        assert stream.refresh_lease(redis_client, key, "a:1:x", 15_000) is True
-        assert stream.release_lease(redis_client, key, "b:2:y") is False
-        assert stream.release_lease(redis_client, key, "a:1:x") is True
-        assert stream.take_lease(redis_client, key, "b:2:y", 15_000) is None
+        assert stream_lease.take_lease(redis_client, key, "a:1:x", 15_000) is None
+        assert stream_lease.take_lease(redis_client, key, "b:2:y", 15_000) == "a:1:x"
+        assert stream_lease.refresh_lease(redis_client, key, "b:2:y", 15_000) is False
+        assert stream_lease.refresh_lease(redis_client, key, "a:1:x", 15_000) is True
+        assert stream_lease.release_lease(redis_client, key, "b:2:y") is False
+        assert stream_lease.release_lease(redis_client, key, "a:1:x") is True
+        assert stream_lease.take_lease(redis_client, key, "b:2:y", 15_000) is None
 
     def test_a_consumer_is_deleted_only_when_it_holds_nothing(
         self, redis_client: redis.Redis, names: Names
@@ -291,10 +291,10 @@ class TestLeaseAndConsumersInRedis:
         stream.publish(redis_client, names.stream, [{"data": "{}"}])
         stream.read(redis_client, names.stream, names.group, "worker_009", 10)
         stream.read(redis_client, names.stream, names.group, "worker_008", 10)
-        assert stream.delete_consumer_if_idle(
+        assert stream_lease.delete_consumer_if_idle(
             redis_client, names.stream, names.group, "worker_009"
         ) == (False, 1)
-        assert stream.delete_consumer_if_idle(
+        assert stream_lease.delete_consumer_if_idle(
             redis_client, names.stream, names.group, "worker_008"
         ) == (True, 0)
         assert _consumers(redis_client, names) == {"worker_009"}
