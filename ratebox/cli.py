@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ratebox import __version__, config, inert, log
+from ratebox.child import proctitle
 from ratebox.errors import EXIT_OK, RateboxError, UsageError
 
 
@@ -111,15 +112,6 @@ def settings_and_servers(
     return settings, *servers(settings, need_pg, need_redis, args.config)
 
 
-def _proctitle(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(f"ratebox: {title}")
-    except ImportError:  # pragma: no cover - a dependency, but titles are only cosmetic
-        pass
-
-
 @guarded
 def main_supervisor(argv: Sequence[str] | None = None) -> int:
     """The whole system in the foreground: workers, sweeper and monitor under one supervisor."""
@@ -144,7 +136,7 @@ def main_worker(argv: Sequence[str] | None = None) -> int:
         config.name(name)
     except ValueError as exc:
         raise UsageError(f"CONSUMER_NAME: {exc}") from None
-    _proctitle(f"worker {name}")
+    proctitle(f"worker {name}")
     log.setup(f"worker {name}", args.log_level)
     redis_url, dsn = servers(settings, config_path=args.config)
     _refuse_if_supervised(settings, name, redis_url)
@@ -352,7 +344,7 @@ _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 def main_sweeper(argv: Sequence[str] | None = None) -> int:
     """The reclaim sweeper alone, in the foreground."""
     args = parser("ratebox-sweeper", main_sweeper.__doc__ or "").parse_args(argv)
-    _proctitle("sweeper")
+    proctitle("sweeper")
     settings, redis_url, dsn = settings_and_servers(args, "sweeper")
     if settings.postgres.migrate_on_start:
         from ratebox import migrate
@@ -518,7 +510,7 @@ def main_monitor(argv: Sequence[str] | None = None) -> int:
 
     status = args.status or settings.status_path()
     if args.mode == "continuous":
-        _proctitle("monitor")
+        proctitle("monitor")
         return monitor.run(
             settings,
             redis_url,
@@ -564,7 +556,7 @@ def main_bridge(argv: Sequence[str] | None = None) -> int:
         "--follow", action="store_true", help="keep publishing rows that appear, until TERM"
     )
     args = p.parse_args(argv)
-    _proctitle("bridge")
+    proctitle("bridge")
     settings, redis_url, dsn = settings_and_servers(args, "bridge")
     from ratebox import bridge
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import importlib
 import json
 import logging
@@ -28,8 +27,8 @@ from signal import SIGABRT, SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, 
 from types import FrameType
 from typing import Any
 
+from ratebox import child as role_child
 from ratebox import config, heartbeat, route, stream, stream_lease, systemd, topology
-from ratebox import log as ratebox_log
 from ratebox.config import Settings
 from ratebox.errors import (
     EXIT_BOOT_FAILURE,
@@ -58,7 +57,7 @@ STATUS_EVERY_S = 5.0
 #: The upper bound of workers.count in config.py; TTIN stops there.
 MAX_WORKERS = 256
 #: Signals the supervisor handles; blocked around fork so a child never runs our handlers.
-HANDLED = (SIGHUP, SIGTTIN, SIGTTOU, SIGTERM, SIGINT, SIGQUIT, SIGCHLD)
+HANDLED = role_child.HANDLED
 _STOP_SIGNALS = (SIGTERM, SIGINT, SIGQUIT)
 #: Keys a reload cannot change: they name the servers, the lease and the consumers.
 FIXED_ON_RELOAD = tuple(
@@ -77,7 +76,6 @@ FIXED_ON_RELOAD = tuple(
 _ROLE_ORDER = {"worker": 0, "sweeper": 1, "monitor": 2}
 #: What the status file says of each child (the monitor reads it).
 STATUS_FIELDS = ("name", "role", "pid", "state", "restarts", "started_at", "last_exit")
-PR_SET_PDEATHSIG = 1
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -140,7 +138,7 @@ class Supervisor:
 
     def initialize(self) -> None:
         """Everything before the first fork; a RateboxError here means nothing runs."""
-        _proctitle("supervisor")
+        role_child.proctitle("supervisor")
         # Handlers first: a TERM during a slow server start is queued, not fatal halfway.
         self._install_signals()
         s = self.settings
@@ -453,7 +451,15 @@ class Supervisor:
         try:
             pid = os.fork()
             if pid == 0:
-                self._become_child(child, beat)
+                role_child.become(
+                    child,
+                    beat,
+                    self.pid,
+                    inherited=self.pipe or (),
+                    others=[c.heartbeat for c in self.children.values() if c.heartbeat],
+                    log_level=self.log_level,
+                    run_role=lambda pulse: self._run_role(child, pulse),
+                )
         except OSError as exc:
             beat.close()
             child.state, child.not_before = "waiting", now + FORK_RETRY_S
@@ -467,53 +473,7 @@ class Supervisor:
         self.pids[pid] = spec.name
         log.info("spawned %s (pid %d)", spec.name, pid)
 
-    def _become_child(self, child: Child, beat: heartbeat.Heartbeat) -> None:
-        """The child's side of fork: set up, run the role, and leave by os._exit only."""
-        status, pulse = EXIT_BOOT_FAILURE, _Pulse(beat)
-        try:
-            self._child_setup(child, beat)
-            status = self._run_role(child, pulse)
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException as exc:
-            # Before the first heartbeat the role never got going: a boot failure, which the
-            # supervisor retries slowly. After it, an ordinary crash.
-            what = "crashed" if pulse.seen else "cannot boot"
-            if isinstance(exc, RateboxError):
-                log.error("%s %s: %s", child.name, what, exc)
-            else:
-                log.exception("%s %s", child.name, what)
-            status = EXIT_FAILURE if pulse.seen else EXIT_BOOT_FAILURE
-        finally:
-            logging.shutdown()
-            os._exit(status)
-
-    def _child_setup(self, child: Child, beat: heartbeat.Heartbeat) -> None:
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED:
-            signal.signal(signum, signal.SIG_DFL)
-        # Reload and rescale are the supervisor's business; TTIN/TTOU would stop us by default.
-        for signum in (SIGHUP, SIGTTIN, SIGTTOU):
-            signal.signal(signum, signal.SIG_IGN)
-        # Out of the terminal's process group: ^C reaches the supervisor alone, which then
-        # stops each worker once, gracefully, instead of each getting INT and then TERM.
-        os.setpgid(0, 0)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-        _die_with_parent()
-        if os.getppid() != self.pid:  # the parent died before prctl took effect
-            os._exit(EXIT_OK)
-        for fd in self.pipe or ():
-            os.close(fd)
-        for other in self.children.values():
-            if other.heartbeat is not None and other.heartbeat is not beat:
-                other.heartbeat.close()
-        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            os.environ.pop(key, None)  # only the supervisor talks to systemd
-        title = f"worker {child.name}" if child.role == "worker" else child.role
-        _proctitle(title)
-        ratebox_log.setup(title, self.log_level)
-
-    def _run_role(self, child: Child, pulse: _Pulse) -> int:
+    def _run_role(self, child: Child, pulse: Callable[[], None]) -> int:
         module: Any = importlib.import_module(f"ratebox.{child.role}")
         s, kw = child.settings, {"beat": pulse, "parent_pid": self.pid}
         if child.role == "worker":
@@ -654,41 +614,12 @@ class Supervisor:
         return max(0.0, wake)
 
 
-class _Pulse:
-    """The child's heartbeat callable; remembers whether the role got as far as beating."""
-
-    def __init__(self, beat: heartbeat.Heartbeat) -> None:
-        self.beat, self.seen = beat, False
-
-    def __call__(self) -> None:
-        self.seen = True
-        self.beat.beat()
-
-
 def write_atomically(path: str, data: bytes) -> None:
     """Write ``path`` so that a reader sees the old content or the new, never a part."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
         handle.write(data)
     os.replace(tmp, path)
-
-
-def _die_with_parent() -> None:
-    # A second guard besides the workers' getppid() check: the kernel sends SIGTERM when the
-    # supervisor dies, even to a child stuck in a long call that never checks.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the getppid() check remains
-        pass
-
-
-def _proctitle(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(f"ratebox: {title}")
-    except ImportError:  # pragma: no cover - a dependency; titles help operators, nothing more
-        pass
 
 
 def run(settings: Settings, config_path: str, log_level: str = "INFO") -> int:

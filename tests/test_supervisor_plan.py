@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ratebox import child as role_child
 from ratebox import config, supervisor, topology
 from ratebox.errors import EXIT_BOOT_FAILURE
 from ratebox.supervisor import Supervisor
@@ -306,7 +307,7 @@ class TestSupervisorWithoutFork:
         deleted: list[str] = []
         monkeypatch.setattr(sup, "redis", object())
         monkeypatch.setattr(
-            supervisor.stream,
+            supervisor.stream_lease,
             "delete_consumer_if_idle",
             lambda client, stream, group, name: deleted.append(name) or (True, 0),
         )
@@ -434,14 +435,16 @@ class TestChildBoot:
 
         monkeypatch.setattr(os, "_exit", exit_)
         monkeypatch.setattr(logging, "shutdown", lambda: None)
-        monkeypatch.setattr(sup, "_child_setup", lambda child, beat: None)
+        monkeypatch.setattr(role_child, "_setup", lambda *args: None)
         sup.converge(0.0)
         return sup.children["sweeper"]
 
     def exit_status(self, sup: Supervisor, child: Child) -> int:
         assert child.heartbeat is not None
         with pytest.raises(_Exited) as exited:
-            sup._become_child(child, child.heartbeat)
+            role_child.become(
+                child, child.heartbeat, sup.pid, (), [], "INFO", lambda p: sup._run_role(child, p)
+            )
         return exited.value.status
 
     def test_a_role_module_that_does_not_exist_is_a_boot_failure(
