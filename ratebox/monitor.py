@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.live import Live
 
-from ratebox import inert, route, store, stream
+from ratebox import inert, route, store, store_monitor, stream
 from ratebox.config import Settings
 from ratebox.dashboard import render, snapshot_line
 from ratebox.errors import EXIT_OK, RateboxError
@@ -129,7 +129,7 @@ def collect(
     try:
         if pg_conn is None:
             raise ConnectionError(pg_error or "not connected")
-        figures = store.monitor_figures(pg_conn, route.stream_names(settings), TOP_ERRORS)
+        figures = store_monitor.monitor_figures(pg_conn, route.stream_names(settings), TOP_ERRORS)
         figures["consumers"] = merge_consumer_rows(figures["consumers"])
         snap.update(_database_sections(figures))
         snap["servers"]["postgres"] = {"available": True, "error": None}
