@@ -1,11 +1,14 @@
 """One Redis against a Redis Cluster: the same backlog drained by the same workers, in one run.
 
-    /work/venv/bin/python bench/cluster.py [--items N] [--workers W] [--partitions P]
+    /work/venv/bin/python bench/cluster.py [--items N] [--workers W] [--partitions P] [--aof]
 
 The single node is the machine's Redis when it answers (else an embedded one); the cluster
 is three masters with a replica each, started here from redis-server on loopback ports (as
-the tests do) and stopped afterwards. Both runs write to the same PostgreSQL. Prints both
-rates in messages/s and the cluster's cost as a share of the single node's rate.
+the tests do) and stopped afterwards, keeping nothing on disk like the machine's Redis
+(--aof: an append-only file per node, as the tests run them). Both runs write to the same
+PostgreSQL. Prints both rates in messages/s, the cluster's cost as a share of the single
+node's rate, and the CPU seconds the Redis servers and the workers used in each run: on a
+machine with few cores, six server processes take CPU from the workers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,8 +58,22 @@ def _rows(dsn: str, names: list[str]) -> tuple[int, float]:
     return sum(n for n, _ in spans), max(span for _, span in spans)
 
 
-def drain(settings: config.Settings, path: Path, dsn: str, items: int) -> float:
-    """Publish the backlog, start the workers, wait for every row; msg/s from first to last row."""
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def drain(
+    settings: config.Settings, path: Path, dsn: str, items: int, redis_pids: list[int]
+) -> tuple[float, float, float]:
+    """Publish the backlog, start the workers, wait for every row: msg/s from first to last
+    row, and the CPU seconds of the Redis servers and of the workers meanwhile."""
     client = stream.connect(settings.redis.url, cluster=settings.redis.cluster)
     try:
         producer.produce(client, Router.of(settings), items)
@@ -70,16 +88,18 @@ def drain(settings: config.Settings, path: Path, dsn: str, items: int) -> float:
         for k in range(1, settings.workers.count + 1)
     ]
     names = route.stream_names(settings)
+    redis_before = _cpu(redis_pids)
     try:
         deadline = time.monotonic() + 600
         while (done := _rows(dsn, names))[0] < items:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not drain the backlog: {done[0]}/{items} rows")
             time.sleep(0.2)
+        redis_cpu, workers_cpu = _cpu(redis_pids) - redis_before, _cpu([p.pid for p in procs])
     finally:
         stop(procs)
     rows, span = _rows(dsn, names)
-    return rows / max(span, 1e-9)
+    return rows / max(span, 1e-9), redis_cpu, workers_cpu
 
 
 def main() -> int:
@@ -87,21 +107,31 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=60_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--aof", action="store_true", help="cluster nodes keep an append-only file")
     args = ap.parse_args()
     srv = servers("machine" if machine_up() else "embedded")
     base = Path(tempfile.mkdtemp(prefix="ratebox-bench-cluster-"))
-    cluster = start_cluster(base / "nodes")
+    cluster = start_cluster(base / "nodes", appendonly=args.aof)
     try:
         rates = {}
-        for kind, url, on_cluster, partitions in (
-            ("one Redis", srv.redis_url, False, 1),
-            (f"cluster, {args.partitions} partitions", cluster.url, True, args.partitions),
+        node_pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
+        for kind, url, on_cluster, partitions, pids in (
+            ("one Redis", srv.redis_url, False, 1, [srv.redis_pid]),
+            (
+                f"cluster, {args.partitions} partitions",
+                cluster.url,
+                True,
+                args.partitions,
+                node_pids,
+            ),
         ):
             with scratch(srv, "cluster") as s:
                 path = base / f"{len(rates)}.yaml"
                 settings = _config(path, url, s.dsn, s, on_cluster, partitions, args.workers)
                 try:
-                    rates[kind] = drain(settings, path, s.dsn, args.items)
+                    rates[kind], redis_cpu, workers_cpu = drain(
+                        settings, path, s.dsn, args.items, pids
+                    )
                 finally:
                     if on_cluster:
                         client = stream.connect(url, cluster=True)
@@ -109,7 +139,11 @@ def main() -> int:
                             client.delete(name)
                             client.delete(dead)
                         client.close()
-            print(f"{kind:>28}: {rates[kind]:>9,.0f} msg/s ({args.items:,} items)", flush=True)
+            print(
+                f"{kind:>28}: {rates[kind]:>9,.0f} msg/s ({args.items:,} items);"
+                f" CPU s: Redis {redis_cpu:.1f}, workers {workers_cpu:.1f}",
+                flush=True,
+            )
         single, multi = rates.values()
         print(f"{'cluster / one Redis':>28}: {multi / single:.2f} (cost {1 - multi / single:+.0%})")
     finally:

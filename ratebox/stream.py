@@ -84,6 +84,12 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
         raise
 
 
+def join_group(client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+    """Register this consumer in the group now: reading no entry registers none on Redis 7.0,
+    and a worker must show in XINFO CONSUMERS from its start, busy or not."""
+    client.xgroup_createconsumer(stream, group, consumer)
+
+
 def is_nogroup(exc: BaseException) -> bool:
     """True when the group (or its stream) is gone, e.g. after a Redis restart without data."""
     return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)

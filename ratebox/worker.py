@@ -178,6 +178,7 @@ class Worker(Role):
                 _ = self.pipeline.pg
             for name, _ in self.partitions:
                 stream.ensure_group(redis_, name, s.stream.group)
+                stream.join_group(redis_, name, s.stream.group, self.name)
             self.group_ready = True
         # Own pending entries first, partition after partition.
         for i, cursor in enumerate(self.cursors):

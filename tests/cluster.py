@@ -84,6 +84,8 @@ class Cluster:
     base: Path
     nodes: list[Node] = field(default_factory=list)
     host: str = "127.0.0.1"
+    #: Each node keeps an append-only file (fsync every second), as a production node does.
+    appendonly: bool = True
 
     @property
     def url(self) -> str:
@@ -112,7 +114,7 @@ class Cluster:
                 "--cluster-node-timeout",
                 str(NODE_TIMEOUT_MS),
                 "--appendonly",
-                "yes",
+                "yes" if self.appendonly else "no",
                 "--appendfsync",
                 "everysec",  # the default of a production node; "always" costs every write
                 "--save",
@@ -194,7 +196,7 @@ def _wait(predicate, limit_s: float, message: str) -> None:  # type: ignore[no-u
     raise RuntimeError(message)
 
 
-def start_cluster(base: Path, host: str = "127.0.0.1") -> Cluster:
+def start_cluster(base: Path, host: str = "127.0.0.1", appendonly: bool = True) -> Cluster:
     """Six nodes on free ports of ``host`` (loopback by default), joined as three masters
     with a replica each."""
     binary = find_server()
@@ -204,7 +206,7 @@ def start_cluster(base: Path, host: str = "127.0.0.1") -> Cluster:
             "or set REDIS_SERVER_BIN"
         )
     cli = shutil.which("redis-cli") or str(Path(binary).with_name("redis-cli"))
-    cluster = Cluster(binary, base, host=host)
+    cluster = Cluster(binary, base, host=host, appendonly=appendonly)
     try:
         for port in free_ports(6):
             node = Node(port, base / str(port), host=host)
