@@ -5,7 +5,10 @@
 The single node is the machine's Redis when it answers (else an embedded one); the cluster
 is three masters with a replica each, started here from redis-server on loopback ports (as
 the tests do) and stopped afterwards, keeping nothing on disk like the machine's Redis
-(--aof: an append-only file per node, as the tests run them). Both runs write to the same
+(--aof: an append-only file per node, as the tests run them). A third run uses one Redis
+with one replica, the shape of each cluster master: a replica costs its master a command
+per entry delivered (XREADGROUP is replicated as one XCLAIM per entry), which is the
+replication's price, not the partitioning's. Both runs write to the same
 PostgreSQL. Prints both rates in messages/s, the cluster's cost as a share of the single
 node's rate, and the CPU seconds the Redis servers and the workers used in each run: on a
 machine with few cores, six server processes take CPU from the workers.
@@ -14,6 +17,7 @@ machine with few cores, six server processes take CPU from the workers.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +35,31 @@ from run import spawn
 
 from ratebox import config, producer, route, stream
 from ratebox.route import Router
-from tests.cluster import start_cluster
+from tests.cluster import find_server, free_ports, start_cluster
+
+
+def start_replicated(base: Path, aof: bool) -> list[subprocess.Popen[bytes]]:
+    """One Redis with one replica, the shape of each cluster master: master first."""
+    binary = find_server() or "redis-server"
+    procs: list[subprocess.Popen[bytes]] = []
+    master_port, replica_port = free_ports(2)
+    for port in (master_port, replica_port):
+        (base / str(port)).mkdir(parents=True)
+        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "yes" if aof else "no", "--dir", str(base / str(port))]  # fmt: skip
+        if port == replica_port:
+            cmd += ["--replicaof", "127.0.0.1", str(master_port)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+    replica = redis.Redis(port=replica_port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if replica.info("replication").get("master_link_status") == "up":
+                return procs
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the replica did not sync")
 
 
 def _config(
@@ -112,11 +141,14 @@ def main() -> int:
     srv = servers("machine" if machine_up() else "embedded")
     base = Path(tempfile.mkdtemp(prefix="ratebox-bench-cluster-"))
     cluster = start_cluster(base / "nodes", appendonly=args.aof)
+    pair = start_replicated(base / "pair", args.aof)
+    pair_url = f"redis://127.0.0.1:{pair[0].args[2]}/0"
     try:
         rates = {}
         node_pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
         for kind, url, on_cluster, partitions, pids in (
             ("one Redis", srv.redis_url, False, 1, [srv.redis_pid]),
+            ("one Redis + replica", pair_url, False, 1, [p.pid for p in pair]),
             (
                 f"cluster, {args.partitions} partitions",
                 cluster.url,
@@ -144,9 +176,16 @@ def main() -> int:
                 f" CPU s: Redis {redis_cpu:.1f}, workers {workers_cpu:.1f}",
                 flush=True,
             )
-        single, multi = rates.values()
+        single, paired, multi = rates.values()
         print(f"{'cluster / one Redis':>28}: {multi / single:.2f} (cost {1 - multi / single:+.0%})")
+        print(
+            f"{'cluster / Redis + replica':>28}: {multi / paired:.2f}"
+            f" (cost {1 - multi / paired:+.0%}: the same replication, what partitioning costs)"
+        )
     finally:
+        for proc in pair:
+            proc.kill()
+            proc.wait(30)
         cluster.stop()
         srv.stop()
     return 0
