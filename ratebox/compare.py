@@ -7,9 +7,11 @@ A verdict is compared as its first code, or ``done``; a legacy error without a c
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,10 +177,46 @@ def compare(
     """Re-judge the legacy system's verdicts (in the window) and measure both systems."""
     started = time.monotonic()
     report = Report()
-    for page in store_bridge.legacy_verdicts(dsn, since, until, limit):
+    for page in _ahead(store_bridge.legacy_verdicts(dsn, since, until, limit)):
         report.add_page(page, engine)
         if advance is not None:
             advance(len(page))
     report.ratebox = store_bridge.ratebox_figures(dsn, since, until)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _ahead(pages: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """The same pages, the next one fetched by a thread while this one is judged: PostgreSQL
+    prepares a page (jsonb to text) while Python judges the last, instead of in turn."""
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for page in pages:
+                while not stop.is_set():
+                    try:
+                        ready.put(("page", page), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(("end", None))
+        except BaseException as exc:  # handed to the reader, raised there
+            ready.put(("error", exc))
+
+    thread = threading.Thread(target=fetch, name="compare-fetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
