@@ -239,6 +239,26 @@ def test_the_producer_command_routes_by_the_same_rule(
         client.close()
 
 
+def assert_one_row_each(
+    client: Any, settings: config.Settings, dsn: str, total: int, log: Path
+) -> None:
+    """Once drained (and a cut-off host's late commits had time to land): exactly one row for
+    each of the ``total`` entries the cluster holds, nothing dead-lettered."""
+
+    def drained() -> bool:
+        rows = rows_by_stream(dsn)
+        return sum(map(len, rows.values())) >= total and not total_pending(client, settings)
+
+    assert wait_for(drained, 300, 1.0), log.read_text()[-2000:]
+    time.sleep(3)  # late commits, if any, would land now
+    rows = rows_by_stream(dsn)  # raises on a second row for one entry
+    for name in route.stream_names(settings):
+        ids = {entry_id.decode() for entry_id, _ in client.xrange(name)}
+        assert set(rows.get(name, {})) == ids
+    assert sum(map(len, rows.values())) == total
+    assert sum(client.xlen(d) for _, d in route.settings_streams(settings)) == 0
+
+
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
@@ -420,18 +440,7 @@ def test_two_hosts_on_one_cluster_one_cut_off_for_20_s_nothing_lost_nothing_twic
                 with contextlib.suppress(psutil.NoSuchProcess):
                     proc.send_signal(signal.SIGCONT)
 
-        def drained() -> bool:
-            rows = rows_by_stream(pg_schema_dsn)
-            return sum(map(len, rows.values())) >= 20000 and not total_pending(client, settings)
-
-        assert wait_for(drained, 300, 1.0), (tmp_path / "hostb.log").read_text()[-2000:]
-        time.sleep(3)  # hostb's late commits, if any, would land now
-        rows = rows_by_stream(pg_schema_dsn)  # raises on a second row for one entry
-        for name in route.stream_names(settings):
-            ids = {entry_id.decode() for entry_id, _ in client.xrange(name)}
-            assert set(rows.get(name, {})) == ids
-        assert sum(map(len, rows.values())) == 20000
-        assert sum(client.xlen(d) for _, d in route.settings_streams(settings)) == 0
+        assert_one_row_each(client, settings, pg_schema_dsn, 20000, tmp_path / "hostb.log")
         # What hostb held left its consumers while it was frozen: only a sweeper (hosta's,
         # claiming under the name "sweeper") can have taken it. Rows may name hostb's
         # workers still: one that committed but had not acknowledged before the freeze.
