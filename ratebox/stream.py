@@ -6,6 +6,7 @@ routing in stream_cluster, the supervisor's lease in stream_lease."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import chain, groupby, islice
 from operator import itemgetter
@@ -192,6 +193,18 @@ return out
 )
 
 
+#: SHA1 of each script sent on every batch, so the batch sends the digest, not the text.
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_READ_NEW, _OWN_PENDING)}
+
+
+def _run(client: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
+    """EVALSHA, and EVAL once where the server does not have the script yet."""
+    try:
+        return client.evalsha(_SHAS[script], numkeys, *args)
+    except redis.exceptions.NoScriptError:
+        return client.eval(script, numkeys, *args)
+
+
 def read_new(
     client: redis.Redis,
     stream: str,
@@ -203,8 +216,8 @@ def read_new(
 ) -> list[Entry]:
     """Up to ``count`` new entries, without blocking; one larger than ``max_bytes`` comes as
     message.TOO_LARGE_FIELD (its size), its metadata and the first ``keep_bytes`` of its data."""
-    reply: Any = client.eval(
-        _READ_NEW, 1, stream, group, consumer, int(count), max_bytes, keep_bytes
+    reply: Any = _run(
+        client, _READ_NEW, 1, stream, group, consumer, int(count), max_bytes, keep_bytes
     )
     return [(_id(entry_id), _pairs(flat)) for entry_id, flat in reply or []]
 
@@ -228,8 +241,8 @@ def own_pending(
     delivery count, shrunk as by read_new; a trimmed or deleted entry comes with no fields.
     Counts no delivery."""
     start = "-" if after == "0" else f"({after}"
-    reply: Any = client.eval(
-        _OWN_PENDING, 1, stream, group, consumer, start, int(count), max_bytes, keep_bytes
+    reply: Any = _run(
+        client, _OWN_PENDING, 1, stream, group, consumer, start, int(count), max_bytes, keep_bytes
     )
     return [((_id(i), _pairs(flat)), int(delivered)) for i, delivered, flat in reply or []]
 
